@@ -1,0 +1,215 @@
+"""One typed configuration schema for every job: YAML -> validated dataclasses.
+
+Unknown keys, wrong types and out-of-range values raise ConfigError naming the file and
+the key (e.g. `jobs/x.yaml: method.sigma: must be > 0, got 0`). Checks that need the
+dataset (level names, k versus the collection size) are in `check_against_data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from grafit_core.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"                   # a key of grafit_core.data.DATASETS
+    root: Optional[str] = None                # relative paths are relative to the config file
+    options: dict = field(default_factory=dict)  # keyword options of the dataset's loader
+    train_level: str = "none"                 # the (coarse) labels training sees; `none` = unsupervised
+    test_levels: Optional[list[str]] = None   # default: every level of the dataset
+    augment: str = "natural"                  # transform preset, see grafit_core.data.transforms
+    image_size: int = 32
+    num_views: int = 2                        # T of eq. 1
+    check_images: str = "raise"               # raise | skip: what the up-front image check does
+    num_workers: int = 0                      # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = "resnet18"
+    small_stem: bool = False                  # 3x3 stride-1 stem, no max-pool (32-64 px inputs)
+    width: int = 64                           # conv4 trunk only
+    projector: Optional[str] = None           # mlp | linear | none; default from the method
+    embed_dim: int = 128                      # d: size of g(x) and of memory rows
+    hidden_dim: int = 1024                    # hidden width of projector / predictor MLPs
+
+
+@dataclass
+class MethodConfig:
+    name: str = "grafit"                      # a key of grafit_core.methods.METHODS
+    w_knn: Optional[float] = None             # loss weights; defaults from the method
+    w_inst: Optional[float] = None
+    w_ce: Optional[float] = None
+    sigma: float = 0.05                       # temperature of eq. 2 (SNCA's value)
+    tau_base: float = 0.99                    # EMA decay at step 0 (eq. 1's target network)
+    tau_schedule: str = "cosine"              # cosine (BYOL: tau_base -> 1) | constant
+    memory_renormalize: bool = True           # m <- normalize((m+z)/2); false: paper's literal (m+z)/2
+    clusters: int = 100                       # ClusterFit+: k-means clusters
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 256                     # global batch, across all workers
+    base_lr: float = 0.1                      # lr = base_lr * batch_size / 256 (Goyal et al.)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    k: Union[int, str] = "auto"               # auto: chosen on the validation subset
+    k_candidates: list[int] = field(default_factory=lambda: [10, 15, 20, 25, 30])
+    sigma: Optional[float] = None             # voting temperature of eq. 6; default: method.sigma
+    val_size: int = 1000                      # fixed validation subset of the training collection
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    name: str = "grafit"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: Optional[str] = None              # the file it was read from (set by load_config)
+
+    @property
+    def lr(self) -> float:
+        return self.optim.base_lr * self.optim.batch_size / 256
+
+    @property
+    def eval_sigma(self) -> float:
+        return self.eval.sigma if self.eval.sigma is not None else self.method.sigma
+
+
+# ====== dict -> dataclass with type checks ======
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def from_dict(cls, data: dict, where: str, source: str):
+    """Build dataclass `cls` from `data`, raising ConfigError '<source>: <where>.<key>: ...'."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"{source}: {path}: unknown key; allowed: {', '.join(sorted(names))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, path, source)
+        elif not _type_ok(value, hint):
+            raise ConfigError(f"{source}: {path}: expected {_type_name(hint)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if hint in (float, Optional[float]) and value is not None else value
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that need no dataset. Raises ConfigError naming the key."""
+    src = cfg.source or "<config>"
+
+    def bad(key, msg):
+        raise ConfigError(f"{src}: {key}: {msg}")
+
+    m, o, e, d = cfg.method, cfg.optim, cfg.eval, cfg.data
+    if m.sigma <= 0:
+        bad("method.sigma", f"must be > 0, got {m.sigma}")
+    if not 0.0 <= m.tau_base <= 1.0:
+        bad("method.tau_base", f"must be in [0, 1], got {m.tau_base}")
+    if m.tau_schedule not in ("cosine", "constant"):
+        bad("method.tau_schedule", f"must be cosine or constant, got {m.tau_schedule!r}")
+    for key in ("w_knn", "w_inst", "w_ce"):
+        if getattr(m, key) is not None and getattr(m, key) < 0:
+            bad(f"method.{key}", "must be >= 0")
+    if e.sigma is not None and e.sigma <= 0:
+        bad("eval.sigma", f"must be > 0, got {e.sigma}")
+    if isinstance(e.k, str) and e.k != "auto":
+        bad("eval.k", f"must be 'auto' or an integer >= 1, got {e.k!r}")
+    if isinstance(e.k, int) and e.k < 1:
+        bad("eval.k", f"must be >= 1, got {e.k}")
+    if not e.k_candidates or min(e.k_candidates) < 1:
+        bad("eval.k_candidates", "must be a non-empty list of integers >= 1")
+    for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),
+                            ("data.num_views", d.num_views, 1), ("data.image_size", d.image_size, 8),
+                            ("model.embed_dim", cfg.model.embed_dim, 1), ("eval.val_size", e.val_size, 1)):
+        if value < low:
+            bad(key, f"must be >= {low}, got {value}")
+    if o.base_lr <= 0:
+        bad("optim.base_lr", f"must be > 0, got {o.base_lr}")
+    if d.check_images not in ("raise", "skip"):
+        bad("data.check_images", f"must be raise or skip, got {d.check_images!r}")
+    if cfg.model.projector not in (None, "mlp", "linear", "none"):
+        bad("model.projector", f"must be mlp, linear or none, got {cfg.model.projector!r}")
+    return cfg
+
+
+def load_config(path: str, overrides: Optional[dict] = None) -> Config:
+    """Read a YAML job file (safe loader), apply dotted overrides, validate."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    cfg = from_dict(Config, data, "", path)
+    cfg.source = path
+    if cfg.data.root is not None:
+        root = os.path.expanduser(os.path.expandvars(cfg.data.root))
+        cfg.data.root = root if os.path.isabs(root) else os.path.normpath(
+            os.path.join(os.path.dirname(os.path.abspath(path)), root))
+    return validate(cfg)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    cfg = from_dict(Config, data, "", source)
+    cfg.source = source
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

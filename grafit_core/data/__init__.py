@@ -1,0 +1,52 @@
+"""Datasets: a registry of loaders, each returning (train collection, query collection).
+
+A loader is `load_x(root, **options) -> (Collection, Collection)` with keyword-only options;
+the config's `data.options` are checked against its signature before anything is loaded.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from grafit_core.data.hierarchy import NONE_LEVEL, Collection, Hierarchy, build_hierarchy
+from grafit_core.errors import ConfigError
+
+# name -> "module:function"; imported lazily so a loader's dependencies stay optional.
+DATASETS = {
+    "folders": "grafit_core.data.folders:load_folders",
+    "omniglot": "grafit_core.data.folders:load_omniglot",
+    "synthetic": "grafit_core.data.synthetic:load_synthetic",
+    "cifar100": "grafit_core.data.cifar:load_cifar100",
+    "inaturalist": "grafit_core.data.inaturalist:load_inaturalist",
+    "imagenet": "grafit_core.data.imagenet:load_imagenet",
+}
+
+
+def get_loader(name: str):
+    if name not in DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    module, fn = DATASETS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def check_options(name: str, options: dict, where: str = "data.options") -> None:
+    """Raise ConfigError naming the key when `options` does not fit the loader's signature."""
+    params = inspect.signature(get_loader(name)).parameters
+    allowed = {k for k, p in params.items() if p.kind == p.KEYWORD_ONLY}
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown option for dataset {name!r}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+    missing = [k for k, p in params.items()
+               if p.kind == p.KEYWORD_ONLY and p.default is p.empty and k not in options]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required for dataset {name!r}")
+
+
+def load_dataset(name: str, root: str | None, options: dict) -> tuple[Collection, Collection]:
+    check_options(name, options)
+    return get_loader(name)(root, **options)
+
+
+__all__ = ["DATASETS", "NONE_LEVEL", "Collection", "Hierarchy", "build_hierarchy",
+           "check_options", "get_loader", "load_dataset"]

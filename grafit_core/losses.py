@@ -1,0 +1,70 @@
+"""Grafit's losses (paper §3.1): the kNN loss (eq. 2-3), the instance loss (eq. 1), cross-entropy.
+
+`knn_partials` returns per-query log-sum-exps over a block of memory rows, so that a
+sharded memory (one block per worker) can combine blocks exactly before taking the loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def knn_partials(z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                 bank: torch.Tensor, bank_labels: torch.Tensor, sigma: float,
+                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exps of exp(cos(z_i, m_j)/sigma) over the rows of `bank`, excluding each query's own row.
+
+    `bank` holds the global rows [offset, offset + len(bank)); `indices` are global.
+    Returns (lse_all, lse_same): over all rows j != indices[i], and over those with
+    bank_labels[j] == labels[i]. Empty sets give -inf. No gradient flows into the bank.
+    """
+    bank = F.normalize(bank.detach().to(z.dtype), dim=1)
+    logits = F.normalize(z, dim=1) @ bank.t() / sigma                        # (B, N)
+    local = indices - offset
+    own = (local >= 0) & (local < bank.shape[0])
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    rows = torch.nonzero(own).squeeze(1)
+    keep[rows, local[rows]] = False                                         # j != i (eq. 2)
+    same = keep & (bank_labels.view(1, -1) == labels.view(-1, 1))
+    neg_inf = torch.finfo(logits.dtype).min
+    lse_all = torch.logsumexp(logits.masked_fill(~keep, neg_inf), dim=1)
+    lse_same = torch.logsumexp(logits.masked_fill(~same, neg_inf), dim=1)
+    # rows with an empty set: make them exactly -inf so that combining blocks stays exact
+    lse_all = lse_all.masked_fill(~keep.any(1), float("-inf"))
+    lse_same = lse_same.masked_fill(~same.any(1), float("-inf"))
+    return lse_all, lse_same
+
+
+def knn_terms(lse_all: torch.Tensor, lse_same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query loss -log sum_{same} p_ij = lse_all - lse_same, and the valid-query mask.
+
+    A query whose class has no other row in the memory is invalid: its term is 0.
+    """
+    valid = torch.isfinite(lse_same)
+    zero = torch.zeros_like(lse_all)
+    terms = torch.where(valid, lse_all - torch.where(valid, lse_same, zero), zero)
+    return terms, valid
+
+
+def knn_loss(z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+             bank: torch.Tensor, bank_labels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Eq. 3 averaged over the valid queries: sum_valid l_i / V (0 when V = 0)."""
+    lse_all, lse_same = knn_partials(z, labels, indices, bank, bank_labels, sigma)
+    terms, valid = knn_terms(lse_all, lse_same)
+    return terms.sum() / valid.sum().clamp(min=1)
+
+
+def instance_loss(predictions: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 1: -sum_{i != j} cos(q(g_theta(t_i x)), g_xi(t_j x)) / (T(T-1)), averaged over the batch."""
+    T = len(predictions)
+    if T < 2 or len(targets) != T:
+        raise ValueError(f"instance_loss needs T >= 2 predictions and as many targets, got {T}, {len(targets)}")
+    preds = [F.normalize(p, dim=1) for p in predictions]
+    targs = [F.normalize(t.detach(), dim=1) for t in targets]
+    total = sum((preds[i] * targs[j]).sum(1) for i in range(T) for j in range(T) if i != j)
+    return -(total / (T * (T - 1))).mean()
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the baseline's classifier head."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)

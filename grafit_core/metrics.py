@@ -1,0 +1,227 @@
+"""Evaluation metrics of Grafit: on-the-fly kNN classification (eq. 6) and
+category-level retrieval AP, plain or conditioned by coarse predictions (eq. 5).
+
+Everything works in chunks of queries so that memory stays O(chunk x N); the
+similarity matmul is float32, the AP counting is exact on those float32 scores.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Clip coarse probabilities so that log(p / (1 - p)) stays finite (a one-hot p
+# is the oracle of §3.2: it puts the query's coarse class first).
+_P_EPS = 1e-6
+
+
+def _normalise(x):
+    return F.normalize(x.float(), dim=1)
+
+
+def _check_exclude(exclude, num_queries, num_bank):
+    if exclude is None:
+        return None
+    exclude = torch.as_tensor(exclude, dtype=torch.long)
+    if exclude.shape != (num_queries,):
+        raise ValueError(f"exclude must have shape ({num_queries},), got {tuple(exclude.shape)}")
+    if exclude.numel() and int(exclude.max()) >= num_bank:
+        raise ValueError(f"exclude holds an index >= bank size {num_bank}")
+    return exclude
+
+
+def _mask_excluded(scores, exclude, start):
+    """Set scores[i, exclude[start + i]] = -inf (leave-one-out); -1 means none."""
+    if exclude is None:
+        return
+    ex = exclude[start:start + scores.shape[0]].to(scores.device)
+    rows = (ex >= 0).nonzero(as_tuple=True)[0]
+    scores[rows, ex[rows]] = float("-inf")
+
+
+# --------------------------------------------------------------------- kNN (eq. 6)
+
+def _knn_scan(query, bank, kmax, chunk_size, exclude):
+    """Yield (start, top_sims, top_idx) per chunk: one matmul and one topk each.
+
+    top_sims is sorted in decreasing order, so column 0 is the row maximum.
+    """
+    if kmax < 1:
+        raise ValueError(f"k must be >= 1, got {kmax}")
+    query, bank = _normalise(query), _normalise(bank).to(query.device)
+    exclude = _check_exclude(exclude, query.shape[0], bank.shape[0])
+    kmax = min(kmax, bank.shape[0] - (exclude is not None))
+    if kmax < 1:
+        raise ValueError("the bank has no row left to vote")
+    for start in range(0, query.shape[0], chunk_size):
+        sims = query[start:start + chunk_size] @ bank.T
+        _mask_excluded(sims, exclude, start)
+        top_sims, top_idx = sims.topk(kmax, dim=1)
+        yield start, top_sims, top_idx
+
+
+def _vote(top_sims, top_labels, k, sigma, num_classes):
+    """Class probabilities from the k first neighbours, weights exp(cos / sigma).
+
+    Subtracting the row max before exp changes no ratio but avoids overflow
+    at small sigma (sigma = 0.05 gives exp(20) otherwise).
+    """
+    weights = torch.exp((top_sims[:, :k] - top_sims[:, :1]) / sigma)
+    probs = torch.zeros(top_sims.shape[0], num_classes, device=top_sims.device)
+    probs.scatter_add_(1, top_labels[:, :k], weights)
+    return probs / probs.sum(dim=1, keepdim=True)
+
+
+def knn_classify(query, bank, bank_labels, k, sigma, num_classes, *, chunk_size=1024, exclude=None):
+    """(Q, C) float32 kNN class probabilities of eq. 6 (cosine top-k, exp(cos/sigma) votes).
+
+    exclude: optional (Q,) long bank row to leave out per query (-1 = none).
+    k larger than the bank is clamped to the bank size.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    bank_labels = bank_labels.to(query.device).long()
+    out = torch.empty(query.shape[0], num_classes, device=query.device)
+    for start, top_sims, top_idx in _knn_scan(query, bank, k, chunk_size, exclude):
+        probs = _vote(top_sims, bank_labels[top_idx], k, sigma, num_classes)
+        out[start:start + probs.shape[0]] = probs
+    return out
+
+
+def knn_predict_multi(query, bank, labels_per_level, ks, sigma, num_classes, *, chunk_size=1024,
+                      exclude=None):
+    """{(level, k): (Q,) predicted labels} from ONE similarity pass and ONE topk(max(ks)).
+
+    The neighbours of a smaller k are a prefix of those of max(ks), so every
+    (level, k) is derived from the same sorted top-k.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    labels = {lvl: lab.to(query.device).long() for lvl, lab in labels_per_level.items()}
+    preds = {(lvl, k): torch.empty(query.shape[0], dtype=torch.long, device=query.device)
+             for lvl in labels for k in ks}
+    for start, top_sims, top_idx in _knn_scan(query, bank, max(ks), chunk_size, exclude):
+        stop = start + top_sims.shape[0]
+        for lvl, lab in labels.items():
+            top_labels = lab[top_idx]
+            for k in ks:
+                probs = _vote(top_sims, top_labels, k, sigma, num_classes[lvl])
+                preds[(lvl, k)][start:stop] = probs.argmax(dim=1)
+    return preds
+
+
+def knn_top1(probs_or_pred, labels):
+    """Top-1 accuracy (fraction in [0, 1]) from (Q, C) probabilities or (Q,) predictions."""
+    pred = probs_or_pred.argmax(dim=1) if probs_or_pred.dim() == 2 else probs_or_pred
+    if pred.numel() == 0:
+        return float("nan")
+    return (pred.cpu() == labels.cpu()).double().mean().item()
+
+
+def choose_k(bank, labels_per_level, val_indices, candidates=(10, 15, 20, 25, 30), sigma=0.05,
+             num_classes=None, *, chunk_size=1024):
+    """Per level, the k of `candidates` with the best leave-one-out top-1 on val_indices.
+
+    Each validation row queries the whole bank minus itself. Ties go to the
+    smallest k. Returns {level: (best_k, {k: top1})}.
+    """
+    if num_classes is None:
+        raise ValueError("num_classes (dict level -> number of classes) is required")
+    val_indices = torch.as_tensor(val_indices, dtype=torch.long)
+    ks = sorted(set(candidates))
+    preds = knn_predict_multi(bank[val_indices], bank, labels_per_level, ks, sigma, num_classes,
+                              chunk_size=chunk_size, exclude=val_indices)
+    result = {}
+    for lvl, lab in labels_per_level.items():
+        scores = {k: knn_top1(preds[(lvl, k)], lab[val_indices]) for k in ks}
+        best = max(ks, key=lambda k: (scores[k], -k))  # sorted ks: ties -> smallest k
+        result[lvl] = (best, scores)
+    return result
+
+
+# ------------------------------------------------------------ retrieval AP (eq. 5)
+
+def _ap_from_scores(scores, relevant):
+    """Exact per-row non-interpolated AP (as sklearn's average_precision_score).
+
+    AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r}.
+    Instead of sorting the N scores of a row we sort only its R relevant
+    scores (thresholds) and bucket the N scores between them: an item with b
+    thresholds <= its score counts for the b lowest thresholds. O(N log R).
+    Relevant scores must be finite; -inf items (excluded) count nowhere.
+    """
+    q = scores.shape[0]
+    n_rel = relevant.sum(dim=1)
+    ap = torch.full((q,), float("nan"), dtype=torch.float64)
+    r_max = int(n_rel.max()) if q else 0
+    if r_max == 0:
+        return ap
+    # Padded (q, r_max) matrix of relevant scores; +inf pads sort last and
+    # are never <= a finite score.
+    rows, cols = relevant.nonzero(as_tuple=True)  # row-major order
+    first = torch.cumsum(n_rel, 0) - n_rel
+    pos = torch.arange(rows.numel(), device=rows.device) - first[rows]
+    thr = scores.new_full((q, r_max), float("inf"))
+    thr[rows, pos] = scores[rows, cols]
+    thr = thr.sort(dim=1).values
+    # bins[i, n] = number of thresholds <= score: item counts for thresholds 0..bin-1.
+    bins = torch.searchsorted(thr, scores.contiguous(), right=True)
+    offsets = torch.arange(q, device=bins.device).unsqueeze(1) * (r_max + 1)
+    hist = torch.bincount((bins + offsets).flatten(), minlength=q * (r_max + 1)).view(q, r_max + 1)
+    n_ge = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # #items with score >= thr[:, r]
+    # #relevant with score >= thr[r] = R - #thresholds strictly below thr[r] (handles ties)
+    rel_ge = n_rel.unsqueeze(1) - torch.searchsorted(thr, thr, right=False)
+    valid = torch.arange(r_max, device=thr.device).unsqueeze(0) < n_rel.unsqueeze(1)
+    prec = torch.where(valid, rel_ge.double() / n_ge.clamp(min=1).double(), 0.0)
+    has_rel = n_rel > 0
+    ap[has_rel.cpu()] = (prec.sum(1)[has_rel] / n_rel[has_rel].double()).cpu()
+    return ap
+
+
+def _coarse_logits(query_coarse_probs):
+    p = query_coarse_probs.double().clamp(_P_EPS, 1 - _P_EPS)
+    return (torch.log(p) - torch.log1p(-p)).float()
+
+
+def average_precisions(query, query_labels, collection, collection_labels, *, collection_coarse=None,
+                       query_coarse_probs=None, chunk_size=256, exclude=None):
+    """(Q,) float64 AP of each query ranking the collection; NaN if nothing is relevant.
+
+    Relevant = same (fine) label. Score = cosine, plus log(p / (1 - p)) with
+    p = query_coarse_probs[q, collection_coarse[n]] when both are given (eq. 5).
+    exclude: optional (Q,) long collection row to leave out per query (-1 = none).
+    """
+    if (collection_coarse is None) != (query_coarse_probs is None):
+        raise ValueError("give both collection_coarse and query_coarse_probs, or neither")
+    dev = query.device
+    query, collection = _normalise(query), _normalise(collection).to(dev)
+    query_labels, collection_labels = query_labels.to(dev), collection_labels.to(dev)
+    exclude = _check_exclude(exclude, query.shape[0], collection.shape[0])
+    logits = None
+    if query_coarse_probs is not None:
+        logits = _coarse_logits(query_coarse_probs.to(dev))
+        collection_coarse = collection_coarse.to(dev).long()
+    aps = []
+    for start in range(0, query.shape[0], chunk_size):
+        stop = start + chunk_size
+        scores = query[start:stop] @ collection.T
+        if logits is not None:
+            scores += logits[start:stop].index_select(1, collection_coarse)
+        relevant = query_labels[start:stop].unsqueeze(1) == collection_labels.unsqueeze(0)
+        if exclude is not None:
+            ex = exclude[start:stop].to(dev)
+            rows = (ex >= 0).nonzero(as_tuple=True)[0]
+            relevant[rows, ex[rows]] = False
+            _mask_excluded(scores, exclude, start)
+        aps.append(_ap_from_scores(scores, relevant))
+    return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
+
+
+def retrieval_map(query, query_labels, collection, collection_labels, *, collection_coarse=None,
+                  query_coarse_probs=None, chunk_size=256):
+    """Mean AP over queries that have at least one relevant item in the collection."""
+    aps = average_precisions(query, query_labels, collection, collection_labels,
+                             collection_coarse=collection_coarse,
+                             query_coarse_probs=query_coarse_probs, chunk_size=chunk_size)
+    aps = aps[~torch.isnan(aps)]
+    return aps.mean().item() if aps.numel() else math.nan

@@ -1,0 +1,241 @@
+"""Tests of grafit_core.metrics against hand-worked values, float64 Python loops and sklearn."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from grafit_core.metrics import (
+    _ap_from_scores,
+    average_precisions,
+    choose_k,
+    knn_classify,
+    knn_predict_multi,
+    knn_top1,
+    retrieval_map,
+)
+
+
+def _data(seed, q=40, n=300, d=16, classes=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(q, d, generator=g), torch.randint(0, classes, (q,), generator=g),
+            torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g))
+
+
+def _cos64(a, b):
+    """float64 cosine similarity matrix, row by row in numpy."""
+    a, b = a.double().numpy(), b.double().numpy()
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.array([[float(np.dot(x, y)) for y in b] for x in a])
+
+
+def _knn_reference(query, bank, bank_labels, k, sigma, num_classes):
+    """Eq. 6 per query in float64: argsort, then loop over the k neighbours."""
+    cos = _cos64(query, bank)
+    out = np.zeros((len(query), num_classes))
+    for i in range(len(query)):
+        for j in np.argsort(-cos[i])[:k]:
+            out[i, int(bank_labels[j])] += math.exp(cos[i, j] / sigma)
+        out[i] /= out[i].sum()
+    return out
+
+
+# ------------------------------------------------------------------------ kNN
+
+@pytest.mark.parametrize("sigma,k,expected", [
+    (1.0, 2, [0.6224593312018545, 0.3775406687981454]),
+    (1.0, 3, [0.506480391055654, 0.49351960894434593]),
+    (0.1, 2, [0.9933071490757152, 0.0066928509242848554]),
+    (0.1, 3, [0.9932623568421743, 0.006737643157825641]),
+])
+def test_knn_classify_hand_worked(sigma, k, expected):
+    # Bank at angles 0, 60, 90, 180 deg (cos 1, .5, 0, -1 with the query at 0 deg),
+    # labels 0, 1, 1, 0; rows scaled by 3 to check normalisation happens inside.
+    # k=2: p0 = e^(1/s) / (e^(1/s) + e^(.5/s)); k=3 adds e^0 to class 1.
+    a = math.radians(60)
+    bank = 3 * torch.tensor([[1.0, 0.0], [math.cos(a), math.sin(a)], [0.0, 1.0], [-1.0, 0.0]])
+    probs = knn_classify(torch.tensor([[2.0, 0.0]]), bank, torch.tensor([0, 1, 1, 0]), k, sigma, 2)
+    assert probs.dtype == torch.float32
+    np.testing.assert_allclose(probs[0].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed,k,sigma", [(0, 1, 0.05), (1, 5, 0.05), (2, 20, 0.1), (3, 7, 1.0)])
+def test_knn_classify_matches_float64_loop(seed, k, sigma):
+    q, ql, bank, bl = _data(seed)
+    probs = knn_classify(q, bank, bl, k, sigma, 5)
+    np.testing.assert_allclose(probs.numpy(), _knn_reference(q, bank, bl, k, sigma, 5),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, rtol=1e-6)
+
+
+def test_knn_classify_chunk_sizes_identical():
+    # Same neighbours and votes; BLAS picks another kernel per chunk shape (gemv for
+    # one row), so float32 cosines may differ in the last bit (x 1/sigma in exp).
+    q, _, bank, bl = _data(4)
+    ref = knn_classify(q, bank, bl, 10, 0.05, 5, chunk_size=10_000)
+    for cs in (1, 7):
+        got = knn_classify(q, bank, bl, 10, 0.05, 5, chunk_size=cs)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_knn_classify_leave_one_out_equals_removing_row():
+    _, _, bank, bl = _data(5, n=120)
+    rows = torch.tensor([0, 17, 119, 50])
+    exclude = rows.clone()
+    exclude[3] = -1  # no exclusion for the last query
+    probs = knn_classify(bank[rows], bank, bl, 8, 0.1, 5, chunk_size=3, exclude=exclude)
+    for i, r in enumerate(rows.tolist()):
+        keep = torch.ones(len(bank), dtype=torch.bool)
+        if exclude[i] >= 0:
+            keep[r] = False
+        expected = knn_classify(bank[r:r + 1], bank[keep], bl[keep], 8, 0.1, 5)
+        torch.testing.assert_close(probs[i:i + 1], expected)
+
+
+def test_knn_predict_multi_equals_classify_argmax():
+    q, ql, bank, bl = _data(6)
+    levels = {"fine": bl, "coarse": bl // 2}
+    ncls = {"fine": 5, "coarse": 3}
+    preds = knn_predict_multi(q, bank, levels, [1, 3, 10, 25], 0.05, ncls, chunk_size=9)
+    assert set(preds) == {(lvl, k) for lvl in levels for k in (1, 3, 10, 25)}
+    for (lvl, k), pred in preds.items():
+        expected = knn_classify(q, bank, levels[lvl], k, 0.05, ncls[lvl]).argmax(1)
+        assert torch.equal(pred, expected), (lvl, k)
+
+
+def test_knn_top1():
+    labels = torch.tensor([0, 1, 2, 1])
+    assert knn_top1(torch.tensor([0, 1, 0, 1]), labels) == 0.75
+    probs = torch.tensor([[.9, .1], [.2, .8], [.6, .4], [.3, .7]])
+    assert knn_top1(probs, labels) == 0.75
+
+
+def test_choose_k_equals_brute_force_leave_one_out():
+    _, _, bank, bl = _data(7, n=150, classes=4)
+    levels = {"fine": bl, "coarse": bl // 2}
+    ncls = {"fine": 4, "coarse": 2}
+    val = torch.tensor([3, 10, 44, 45, 99, 120, 149, 0, 77, 60])
+    cands = (1, 3, 5, 9)
+    got = choose_k(bank, levels, val, candidates=cands, sigma=0.05, num_classes=ncls)
+    for lvl, lab in levels.items():
+        top1 = {}
+        for k in cands:
+            hits = 0
+            for r in val.tolist():
+                keep = torch.arange(len(bank)) != r
+                p = _knn_reference(bank[r:r + 1], bank[keep], lab[keep], k, 0.05, ncls[lvl])
+                hits += int(np.argmax(p[0]) == int(lab[r]))
+            top1[k] = hits / len(val)
+        best = min(cands, key=lambda k: (-top1[k], k))
+        assert got[lvl][0] == best
+        assert got[lvl][1] == pytest.approx(top1)
+
+
+# ------------------------------------------------------------------ retrieval AP
+
+def _sklearn_aps(scores, relevant):
+    return np.array([average_precision_score(relevant[i], scores[i]) if relevant[i].any() else np.nan
+                     for i in range(len(scores))])
+
+
+def test_ap_hand_worked():
+    # Ranking [rel, non, rel]: AP = (1/1 + 2/3) / 2.
+    coll = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    ap = average_precisions(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), coll, torch.tensor([0, 1, 0]))
+    assert ap.dtype == torch.float64
+    assert ap[0].item() == pytest.approx((1 + 2 / 3) / 2, abs=1e-12)
+
+
+def test_ap_random_matches_sklearn():
+    q, ql, coll, cl = _data(8)
+    aps = average_precisions(q, ql, coll, cl, chunk_size=7)
+    rel = (ql[:, None] == cl[None, :]).numpy()
+    np.testing.assert_allclose(aps.numpy(), _sklearn_aps(_cos64(q, coll), rel), rtol=1e-12, atol=1e-12)
+
+
+def test_ap_tied_scores_match_sklearn():
+    # Scores rounded to 1 decimal: many ties, sklearn treats a tie as one threshold.
+    g = torch.Generator().manual_seed(9)
+    scores = (torch.rand(30, 200, generator=g) * 2 - 1).mul(10).round().div(10).float()
+    relevant = torch.rand(30, 200, generator=g) < 0.2
+    relevant[0] = False  # no relevant item -> NaN
+    got = _ap_from_scores(scores, relevant)
+    expected = _sklearn_aps(scores.numpy(), relevant.numpy())
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert math.isnan(got[0].item())
+
+
+def test_ap_exact_ties_through_public_api():
+    # Rows among +-e_i: cosines are exactly -1, 0 or 1, so ties are exact in float32.
+    g = torch.Generator().manual_seed(10)
+    basis = torch.cat([torch.eye(4), -torch.eye(4)])
+    q = basis[torch.randint(0, 8, (20,), generator=g)]
+    coll = basis[torch.randint(0, 8, (100,), generator=g)]
+    ql, cl = torch.randint(0, 3, (20,), generator=g), torch.randint(0, 3, (100,), generator=g)
+    aps = average_precisions(q, ql, coll, cl, chunk_size=6)
+    expected = _sklearn_aps((q @ coll.T).numpy(), (ql[:, None] == cl[None, :]).numpy())
+    np.testing.assert_allclose(aps.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def _conditioned64(q, coll, probs, coarse):
+    """cos + log(p / (1 - p)) in float64 loops, p clipped to [1e-6, 1 - 1e-6]."""
+    cos = _cos64(q, coll)
+    out = np.empty_like(cos)
+    for i in range(cos.shape[0]):
+        for n in range(cos.shape[1]):
+            p = min(max(float(probs[i, coarse[n]]), 1e-6), 1 - 1e-6)
+            out[i, n] = cos[i, n] + math.log(p / (1 - p))
+    return out
+
+
+def test_ap_conditioned_matches_sklearn():
+    q, ql, coll, cl = _data(11, q=30, n=200, classes=6)
+    coarse = cl // 2
+    g = torch.Generator().manual_seed(12)
+    probs = torch.softmax(torch.randn(30, 3, generator=g) * 2, dim=1)
+    aps = average_precisions(q, ql, coll, cl, collection_coarse=coarse, query_coarse_probs=probs)
+    rel = (ql[:, None] == cl[None, :]).numpy()
+    expected = _sklearn_aps(_conditioned64(q, coll, probs.numpy(), coarse.numpy()), rel)
+    np.testing.assert_allclose(aps.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ap_oracle_one_hot():
+    q, ql, coll, cl = _data(13, q=30, n=200, classes=6)
+    coarse = cl // 2
+    oracle = torch.nn.functional.one_hot(ql // 2, 3).float()
+    aps = average_precisions(q, ql, coll, cl, collection_coarse=coarse, query_coarse_probs=oracle)
+    rel = (ql[:, None] == cl[None, :]).numpy()
+    expected = _sklearn_aps(_conditioned64(q, coll, oracle.numpy(), coarse.numpy()), rel)
+    np.testing.assert_allclose(aps.numpy(), expected, rtol=1e-12, atol=1e-12)
+    # Fine classes nest in coarse ones: the oracle can only move relevant items up.
+    assert (aps >= average_precisions(q, ql, coll, cl) - 1e-12).all()
+    assert retrieval_map(q, ql, coll, cl, collection_coarse=coarse, query_coarse_probs=oracle) > \
+        retrieval_map(q, ql, coll, cl)
+
+
+def test_no_relevant_query_is_nan_and_left_out_of_mean():
+    q, ql, coll, cl = _data(14, q=10, n=100, classes=3)
+    ql[[2, 7]] = 99  # no collection item has label 99
+    aps = average_precisions(q, ql, coll, cl)
+    assert torch.isnan(aps[[2, 7]]).all() and not torch.isnan(aps[[0, 1, 3]]).any()
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[[2, 7]] = False
+    assert retrieval_map(q, ql, coll, cl) == pytest.approx(aps[keep].mean().item(), abs=1e-15)
+    assert math.isnan(retrieval_map(q[:1], torch.tensor([99]), coll, cl))
+
+
+def test_ap_chunk_sizes_and_exclude():
+    _, _, coll, cl = _data(15, n=150)
+    rows = torch.tensor([5, 0, 149, 80])
+    ref = average_precisions(coll[rows], cl[rows], coll, cl, chunk_size=1000)
+    for cs in (1, 3):
+        assert torch.equal(average_precisions(coll[rows], cl[rows], coll, cl, chunk_size=cs), ref)
+    aps = average_precisions(coll[rows], cl[rows], coll, cl, chunk_size=3, exclude=rows)
+    for i, r in enumerate(rows.tolist()):
+        keep = torch.arange(len(coll)) != r
+        expected = average_precisions(coll[r:r + 1], cl[r:r + 1], coll[keep], cl[keep])
+        assert aps[i].item() == pytest.approx(expected.item(), abs=1e-12)
