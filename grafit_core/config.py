@@ -181,8 +181,16 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: str, overrides: Optional[dict] = None) -> Config:
-    """Read a YAML job file (safe loader), apply dotted overrides, validate."""
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str, _seen: tuple = ()) -> dict:
+    """Safe-load a YAML mapping; `include: other.yaml` (relative to this file) supplies defaults
+    that this file's keys override, so a variant is a few lines on top of a base job."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -190,6 +198,28 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: malformed YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level: expected a mapping, got {type(data).__name__}")
+    include = data.pop("include", None)
+    if include is None:
+        return data
+    if not isinstance(include, str):
+        raise ConfigError(f"{path}: include: expected a file name, got {include!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), include))
+    if base_path in _seen:
+        raise ConfigError(f"{path}: include: {include} includes itself")
+    base = read_yaml(base_path, _seen + (base_path,))
+    root = base.get("data", {}).get("root")
+    if isinstance(root, str) and not os.path.isabs(os.path.expanduser(os.path.expandvars(root))):
+        # a root inherited from the base stays relative to the base's folder
+        base["data"]["root"] = os.path.relpath(os.path.join(os.path.dirname(base_path), root),
+                                               os.path.dirname(os.path.abspath(path)))
+    return _merge(base, data)
+
+
+def load_config(path: str, overrides: Optional[dict] = None) -> Config:
+    """Read a YAML job file (safe loader), apply dotted overrides, validate."""
+    data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")

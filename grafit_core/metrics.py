@@ -165,7 +165,7 @@ def _ap_from_scores(scores, relevant):
     thr[rows, pos] = scores[rows, cols]
     thr = thr.sort(dim=1).values
     # bins[i, n] = number of thresholds <= score: item counts for thresholds 0..bin-1.
-    bins = torch.searchsorted(thr, scores.contiguous(), right=True)
+    bins = torch.searchsorted(thr, scores.contiguous(), right=True, out_int32=True)
     offsets = torch.arange(q, device=bins.device).unsqueeze(1) * (r_max + 1)
     hist = torch.bincount((bins + offsets).flatten(), minlength=q * (r_max + 1)).view(q, r_max + 1)
     n_ge = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # #items with score >= thr[:, r]

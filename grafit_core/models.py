@@ -88,9 +88,10 @@ class GrafitNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.trunk(x)
-        out = {"features": h, "z": F.normalize(self.projector(h), dim=1)}
+        p = self.projector(h)          # once: a second call would update BN statistics twice
+        out = {"features": h, "z": F.normalize(p, dim=1)}
         if self.predictor is not None:
-            proj = self.inst_projector(h) if self.inst_projector is not None else self.projector(h)
+            proj = self.inst_projector(h) if self.inst_projector is not None else p
             out["inst"] = proj
             out["pred"] = self.predictor(proj)
         if self.classifier is not None:

@@ -33,9 +33,9 @@ _EVAL_CROP_RATIO = {"characters": 1.0, "cifar": 1.0, "natural": 0.875}
 class GlyphCropAffine(torch.nn.Module):
     """RandomResizedCrop then a random rotation + shear, fused into ONE bilinear resampling.
 
-    Same distribution as v2.RandomResizedCrop(size, scale, ratio) followed by
-    v2.RandomAffine(degrees, shear=(-s, s, -s, s), fill=0), about 3x cheaper on a 32 px
-    glyph (one grid_sample instead of two v2 kernels). Never flips. Out-of-image pixels are
+    Samples like v2.RandomResizedCrop(size, scale, ratio) followed by
+    v2.RandomAffine(degrees, shear=(-s, s, -s, s), fill=0) (an oversized crop is clipped
+    instead of retried), ~5x faster on a 32 px glyph: one grid_sample, no v2 dispatch. Never flips. Out-of-image pixels are
     0: background once Omniglot is inverted. uint8 C x H x W -> float32, normalised with
     mean/std (on the [0, 1] scale) here rather than by a separate Normalize, for speed.
     """

@@ -1,0 +1,27 @@
+# Two commands on a fresh clone:  `make demo` (the main job)  and  `make test` (the tests).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test bench
+
+# pip takes torch/torchvision from local wheels where the machine has them (see requirements.txt)
+$(BIN)/.installed: requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/grafit local jobs/omniglot.yaml --methods grafit,ce --output runs/omniglot.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/omniglot_methods.py

@@ -1,0 +1,108 @@
+"""The `grafit` command line.
+
+    grafit local jobs/omniglot.yaml --methods grafit,ce     # one process, no Ray, no MLflow
+
+Subcommands that run on Ray (train, sweep, matrix, submit) arrive with their issues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import yaml
+
+from grafit_core.errors import GrafitError
+
+
+def parse_set(items: list[str]) -> dict:
+    """`--set optim.epochs=3` -> {"optim.epochs": 3} (values parsed as YAML scalars)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise GrafitError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.epochs=3")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain fixed-width table; numbers as percentages like the paper's tables."""
+    def cell(v):
+        return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(cell(r.get(c, "-"))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(r.get(c, "-")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_local(args) -> int:
+    """Train and evaluate each method in this process and print the comparison."""
+    from grafit_core.config import load_config
+    from grafit_core.data import load_dataset
+    from grafit_core.engine import fit
+    from grafit_core.methods import get_method
+
+    overrides = parse_set(args.set)
+    cfg = load_config(args.config, overrides)
+    methods = args.methods.split(",") if args.methods else [cfg.method.name]
+    for name in methods:
+        get_method(name)                       # unknown names fail before any data is read
+    start = time.time()
+    train, query = load_dataset(cfg.data.name, cfg.data.root, cfg.data.options)
+    train = train.check_images(cfg.data.check_images)
+    query = query.check_images(cfg.data.check_images)
+    print(f"data: {cfg.data.name} train={len(train)} query={len(query)} levels={train.hierarchy.levels} "
+          f"({time.time() - start:.1f}s)", flush=True)
+    rows, results = [], {}
+    for name in methods:
+        cfg.method.name = name
+        t0 = time.time()
+        res = fit(cfg, train, query, log=lambda s: print(s, flush=True))
+        row = {"method": name, "train_level": cfg.data.train_level, "minutes": f"{(time.time() - t0) / 60:.1f}"}
+        row.update(res.metrics)
+        if res.skipped:
+            row["note"] = res.skipped
+        rows.append(row)
+        results[name] = {"metrics": res.metrics, "history": res.history, "skipped": res.skipped}
+    levels = cfg.data.test_levels or train.hierarchy.levels
+    for lv in levels:
+        print(f"\n== test level: {lv} (trained on {cfg.data.train_level}; kNN top-1 and mAP, %) ==")
+        cols = ["method", f"k/{lv}", f"knn_top1/{lv}", f"map_cosine/{lv}", f"map_cond/{lv}", f"map_oracle/{lv}"]
+        print(format_table(rows, cols))
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"config": args.config, "overrides": overrides, "results": results}, f, indent=1)
+        os.replace(tmp, args.output)           # atomic: a killed run never leaves half a file
+        print(f"\nresults written to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grafit", description="Grafit experiments: train, evaluate, compare.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("local", help="train and evaluate in this process (no Ray, no MLflow)")
+    p.add_argument("config", help="job YAML, e.g. jobs/omniglot.yaml")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to compare, e.g. grafit,ce (default: the config's method.name)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.epochs=3 (repeatable)")
+    p.add_argument("--output", default=None, help="write metrics and per-epoch history to this JSON file")
+    p.set_defaults(func=cmd_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GrafitError as err:                 # bad input: one clear line, no traceback
+        print(f"grafit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
