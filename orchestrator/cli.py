@@ -41,7 +41,7 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 def cmd_local(args) -> int:
     """Train and evaluate each method in this process and print the comparison."""
     from grafit_core.config import load_config
-    from grafit_core.data import load_dataset
+    from grafit_core.data import prepare_data
     from grafit_core.engine import fit
     from grafit_core.methods import get_method
 
@@ -51,9 +51,7 @@ def cmd_local(args) -> int:
     for name in methods:
         get_method(name)                       # unknown names fail before any data is read
     start = time.time()
-    train, query = load_dataset(cfg.data.name, cfg.data.root, cfg.data.options)
-    train = train.check_images(cfg.data.check_images)
-    query = query.check_images(cfg.data.check_images)
+    train, query = prepare_data(cfg.data)
     print(f"data: {cfg.data.name} train={len(train)} query={len(query)} levels={train.hierarchy.levels} "
           f"({time.time() - start:.1f}s)", flush=True)
     rows, results = [], {}
@@ -73,6 +71,7 @@ def cmd_local(args) -> int:
         cols = ["method", f"k/{lv}", f"knn_top1/{lv}", f"map_cosine/{lv}", f"map_cond/{lv}", f"map_oracle/{lv}"]
         print(format_table(rows, cols))
     if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         tmp = args.output + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"config": args.config, "overrides": overrides, "results": results}, f, indent=1)

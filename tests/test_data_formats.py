@@ -332,3 +332,18 @@ def test_imagenet_errors(tmp_path):
 
     with pytest.raises(DataError, match="missing mapping file .*nope.txt"):
         load_imagenet(root, mapping=os.path.join(root, "nope.txt"))
+
+
+def test_inaturalist_genus_homonyms_across_kingdoms_are_two_classes(tmp_path):
+    # Morus is a mulberry (Plantae, Moraceae) and a gannet (Animalia, Sulidae): not a data error.
+    taxa = TAXA + [(6, "Morus alba", "Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Moraceae", "Morus"),
+                   (7, "Morus bassanus", "Animalia", "Chordata", "Aves", "Suliformes", "Sulidae", "Morus")]
+    root = str(tmp_path / "homonyms")
+    _write_inat(root, train_cats=TRAIN_CATS + [6, 7], taxa=taxa)
+    train, _ = load_inaturalist(root)
+    genera = train.hierarchy.classes["genus"]
+    assert "Morus (Plantae)" in genera and "Morus (Animalia)" in genera and "Quercus" in genera
+    fam = train.hierarchy.ancestor_map("genus", "family")
+    families = train.hierarchy.classes["family"]
+    assert families[fam[genera.index("Morus (Plantae)")]] == "Moraceae"
+    assert families[fam[genera.index("Morus (Animalia)")]] == "Sulidae"

@@ -48,5 +48,13 @@ def load_dataset(name: str, root: str | None, options: dict) -> tuple[Collection
     return get_loader(name)(root, **options)
 
 
-__all__ = ["DATASETS", "NONE_LEVEL", "Collection", "Hierarchy", "build_hierarchy",
+def prepare_data(data_cfg) -> tuple[Collection, Collection]:
+    """Load both collections and check every image up front (header, size, truncation), so a
+    broken file is refused, or dropped by `check_images: skip`, before any training starts and
+    every worker then sees the same dataset."""
+    train, query = load_dataset(data_cfg.name, data_cfg.root, data_cfg.options)
+    return train.check_images(data_cfg.check_images), query.check_images(data_cfg.check_images)
+
+
+__all__ = ["prepare_data", "DATASETS", "NONE_LEVEL", "Collection", "Hierarchy", "build_hierarchy",
            "check_options", "get_loader", "load_dataset"]

@@ -6,8 +6,9 @@ Each JSON has "images" (id, file_name, width, height), "annotations" (image_id,
 category_id) and "categories" (id, name and the rank keys kingdom, phylum, class, order,
 family, genus; 2018 adds "supercategory", which is not a rank and is not used). The
 species of a category is its "name". Levels are any subset of RANKS, coarse -> fine; a
-class at a rank is identified by its name at that rank, so the taxonomy must be a tree
-(a genus filed under two families is refused, naming it). Only categories with at least
+class at a rank is identified by its name at that rank (qualified by its kingdom when the
+name is used in two kingdoms), so the taxonomy must be a tree (a genus filed under two
+families is refused, naming it). Only categories with at least
 one training image become classes. Train = train json, query = val json; the images are
 decoded from disk (or cached at cache_size x cache_size, see FileCollection).
 """
@@ -51,9 +52,22 @@ def _read_json(path: str) -> dict:
     return data
 
 
+def _kingdom_homonyms(categories: list, levels: list[str]) -> dict[str, set]:
+    """Names used in more than one kingdom at a rank (the zoological and botanical codes are
+    independent: the genus Morus is a gannet and a mulberry) -> they get "(kingdom)" appended."""
+    kingdoms: dict[tuple, set] = {}
+    for cat in categories:
+        for level in levels:
+            key = SPECIES_KEY if level == "species" else level
+            if level != "kingdom" and key in cat and "kingdom" in cat:
+                kingdoms.setdefault((level, str(cat[key])), set()).add(str(cat["kingdom"]))
+    return {level_name for level_name, ks in kingdoms.items() if len(ks) > 1}
+
+
 def _category_names(categories: list, levels: list[str], path: str) -> dict:
     """category id -> tuple of its class name at each level (a missing rank key is refused)."""
     out = {}
+    homonyms = _kingdom_homonyms(categories, levels)
     for cat in categories:
         row = []
         for level in levels:
@@ -61,7 +75,8 @@ def _category_names(categories: list, levels: list[str], path: str) -> dict:
             if key not in cat:
                 raise DataError(f"iNaturalist: {path}: category {cat.get('id')!r} has no {key!r} "
                                 f"key, needed for level {level!r}")
-            row.append(str(cat[key]))
+            name = str(cat[key])
+            row.append(f"{name} ({cat['kingdom']})" if (level, name) in homonyms else name)
         out[cat["id"]] = tuple(row)
     return out
 
