@@ -17,6 +17,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    group: object = None          # process group for the memory's collectives (None: default)
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +31,7 @@ class DistContext:
         """Sum over ranks (no gradient); identity in a single process."""
         if self.distributed:
             t = t.clone()
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
         return t
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
@@ -38,5 +39,33 @@ class DistContext:
         if not self.distributed:
             return t
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t.contiguous())
+        dist.all_gather(out, t.contiguous(), group=self.group)
         return torch.cat(out)
+
+
+class _AllGatherGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    A plain all_gather cuts the graph: the loss other ranks compute from this rank's
+    tensor would then send it no gradient (silently wrong).
+    """
+
+    @staticmethod
+    def forward(ctx, t, world_size, rank, group):
+        ctx.rank, ctx.group, ctx.n = rank, group, t.shape[0]
+        out = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(out, t.contiguous(), group=group)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None, None
+
+
+def all_gather_grad(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Autograd-aware concatenation of equal-sized tensors from every rank along dim 0."""
+    if not ctx.distributed:
+        return t
+    return _AllGatherGrad.apply(t, ctx.world_size, ctx.rank, ctx.group)

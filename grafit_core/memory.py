@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from grafit_core.losses import knn_loss
+from grafit_core.distributed import all_gather_grad
+from grafit_core.losses import knn_loss, knn_partials, knn_terms
 
 
 class MemoryBank:
@@ -62,3 +63,52 @@ class MemoryBank:
     def knn_loss(self, z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, sigma: float) -> torch.Tensor:
         """L_knn of the queries against this (whole, single-process) memory."""
         return knn_loss(z, labels, indices, self.bank, self.labels, sigma)
+
+
+def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of the memory that `rank` owns: contiguous blocks of ceil(n / W)."""
+    size = -(-n // world_size)
+    start = min(rank * size, n)
+    return start, min(start + size, n)
+
+
+def _combine_lse(parts: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp over dim 0 of per-shard partials; all -inf stays -inf with a zero (not NaN) gradient."""
+    finite = torch.isfinite(parts)
+    out = torch.logsumexp(parts.masked_fill(~finite, torch.finfo(parts.dtype).min), dim=0)
+    return out.masked_fill(~finite.any(0), float("-inf"))
+
+
+class ShardedMemoryBank(MemoryBank):
+    """The memory split across workers: rank r holds only rows shard_bounds(N, W, r).
+
+    knn_loss: all-gather the batch (autograd-aware), each rank computes the partial
+    log-sum-exps of every gathered query over its own rows, the partials are all-gathered
+    (autograd-aware) and combined, and each rank returns the loss of its own queries divided
+    by the global number of valid queries, times W: DDP's gradient averaging then yields
+    exactly the single-process mean. Communication per step is O(B_global * d), not O(N).
+    """
+
+    def __init__(self, labels: torch.Tensor, dim: int, ctx, *, renormalize: bool = True):
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        self.num_rows = len(labels)
+        start, stop = shard_bounds(self.num_rows, ctx.world_size, ctx.rank)
+        super().__init__(labels[start:stop], dim, offset=start, renormalize=renormalize, device=ctx.device)
+        self.ctx = ctx
+
+    def knn_loss(self, z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, sigma: float) -> torch.Tensor:
+        ctx = self.ctx
+        zg = all_gather_grad(z, ctx)
+        lg, ig = ctx.all_gather_cat(labels), ctx.all_gather_cat(indices)
+        lse_all, lse_same = knn_partials(zg, lg, ig, self.bank, self.labels, sigma, self.offset)
+        parts = all_gather_grad(torch.stack([lse_all, lse_same])[None], ctx)       # W x 2 x B_global
+        terms, valid = knn_terms(_combine_lse(parts[:, 0]), _combine_lse(parts[:, 1]))
+        # every rank holds the combined partials, so V is known everywhere without a collective
+        n_valid = valid.sum().clamp(min=1)
+        own = slice(ctx.rank * len(z), (ctx.rank + 1) * len(z))
+        return terms[own].sum() / n_valid * ctx.world_size
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, z: torch.Tensor) -> None:
+        """Every rank sees the whole batch's (index, embedding) pairs and writes the rows it owns."""
+        super().update(self.ctx.all_gather_cat(indices), self.ctx.all_gather_cat(z.detach()))

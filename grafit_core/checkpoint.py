@@ -1,0 +1,80 @@
+"""Checkpoints of a (possibly sharded) training run, as plain files in one directory.
+
+    train_state.pt                  rank 0: method (online + target), optimizer, epoch, step, history
+    rng_rank<r>.pt                  each rank: its torch RNG state (augmentations) and world size
+    memory_<start>_<stop>.pt        each rank: the memory rows it owns, by global index range
+
+Memory files are keyed by global index range, so a restart with another worker count
+reshards by reading the ranges that overlap its own. Every file is written atomically
+(temporary name, then rename) and loaded with weights_only=True (no arbitrary unpickling).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+
+from grafit_core.memory import MemoryBank
+
+_MEMORY = re.compile(r"memory_(\d+)_(\d+)\.pt$")
+
+
+def atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)                      # a writer killed mid-write leaves the old file
+
+
+def save(directory: str, ctx, *, method, optimizer, memory: MemoryBank, epoch: int, step: int,
+         history: list, fingerprint: str = "") -> None:
+    """Write this rank's part of the checkpoint into `directory` (shared or per rank)."""
+    os.makedirs(directory, exist_ok=True)
+    if ctx.is_main:
+        atomic_save({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "step": step, "history": history, "fingerprint": fingerprint},
+                    os.path.join(directory, "train_state.pt"))
+    atomic_save({"torch": torch.get_rng_state(), "world_size": ctx.world_size},
+                os.path.join(directory, f"rng_rank{ctx.rank}.pt"))
+    start, stop = memory.offset, memory.offset + len(memory)
+    atomic_save({"bank": memory.bank.cpu(), "filled": memory.filled.cpu()},
+                os.path.join(directory, f"memory_{start:012d}_{stop:012d}.pt"))
+
+
+def memory_files(directory: str) -> list[tuple[int, int, str]]:
+    out = []
+    for path in glob.glob(os.path.join(directory, "memory_*.pt")):
+        m = _MEMORY.search(os.path.basename(path))
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), path))
+    return sorted(out)
+
+
+def load(directory: str, ctx, *, method, optimizer, memory: MemoryBank) -> dict:
+    """Restore method, optimizer and this rank's memory rows; returns {epoch, step, history, fingerprint}.
+
+    The RNG state is restored only when the worker count is unchanged (else the augmentation
+    stream differs anyway and each rank keeps its fresh seed).
+    """
+    state = torch.load(os.path.join(directory, "train_state.pt"), map_location="cpu", weights_only=True)
+    method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    lo, hi = memory.offset, memory.offset + len(memory)
+    covered = 0
+    for start, stop, path in memory_files(directory):
+        a, b = max(lo, start), min(hi, stop)
+        if a >= b:
+            continue
+        part = torch.load(path, map_location="cpu", weights_only=True)
+        memory.bank[a - lo:b - lo] = part["bank"][a - start:b - start].to(memory.bank)
+        memory.filled[a - lo:b - lo] = part["filled"][a - start:b - start].to(memory.filled)
+        covered += b - a
+    if covered != hi - lo:
+        raise FileNotFoundError(f"{directory}: memory rows [{lo}, {hi}) are not all in the checkpoint")
+    rng_path = os.path.join(directory, f"rng_rank{ctx.rank}.pt")
+    if os.path.exists(rng_path):
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+        if rng["world_size"] == ctx.world_size:
+            torch.set_rng_state(rng["torch"])
+    return {k: state[k] for k in ("epoch", "step", "history", "fingerprint")}
