@@ -242,4 +242,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (what config_from_dict reads back); `source` is not a key."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source")
+    return out

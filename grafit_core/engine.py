@@ -13,15 +13,17 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from grafit_core import checkpoint
 from grafit_core.config import Config
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
 from grafit_core.distributed import DistContext
 from grafit_core.evaluate import check_against_data, evaluate, online_knn, validation_indices
-from grafit_core.memory import MemoryBank
+from grafit_core.memory import MemoryBank, ShardedMemoryBank, shard_bounds
 from grafit_core.methods import Method, get_method
 from grafit_core.models import ema_tau
 
@@ -53,13 +55,16 @@ def build_optimizer(method: Method, cfg: Config) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def embed(method: Method, collection: Collection, cfg: Config, ctx: DistContext,
-          transform) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """g_theta of every image (clean view), in collection order, and the head's logits if any."""
+def embed(method: Method, collection: Collection, cfg: Config, ctx: DistContext, transform,
+          rows: Optional[range] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """g_theta of the images `rows` (default: all) with the clean view, in order, and the
+    head's logits if the method has a head for the training level."""
     was_training = method.training
     method.eval()
-    loader = DataLoader(EvalImages(collection, transform), batch_size=cfg.eval.batch_size,
-                        shuffle=False, num_workers=cfg.data.num_workers)
+    dataset = EvalImages(collection, transform)
+    if rows is not None:
+        dataset = Subset(dataset, rows)
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     zs, logits = [], []
     for x, _ in loader:
         z, lg = method.embed(x.to(ctx.device))
@@ -67,17 +72,48 @@ def embed(method: Method, collection: Collection, cfg: Config, ctx: DistContext,
         if lg is not None:
             logits.append(lg.cpu())
     method.train(was_training)
-    return torch.cat(zs), (torch.cat(logits) if logits else None)
+    dim = method.net.embed_dim
+    return (torch.cat(zs) if zs else torch.zeros(0, dim)), (torch.cat(logits) if logits else None)
+
+
+def gather_rows(local: Optional[torch.Tensor], n: int, ctx: DistContext) -> Optional[torch.Tensor]:
+    """Concatenate every rank's block of shard_bounds(n) rows (padded for gloo) -> n rows."""
+    if local is None or not ctx.distributed:
+        return local
+    size = -(-n // ctx.world_size)
+    padded = torch.cat([local, local.new_zeros(size - len(local), *local.shape[1:])])
+    parts = ctx.all_gather_cat(padded.to(ctx.device)).cpu().view(ctx.world_size, size, *local.shape[1:])
+    return torch.cat([parts[r][:b - a] for r, (a, b) in
+                      enumerate(shard_bounds(n, ctx.world_size, r) for r in range(ctx.world_size))])
+
+
+def embed_sharded(method, collection, cfg, ctx, transform):
+    """Each rank embeds its own block of the collection (no rank embeds everything)."""
+    start, stop = shard_bounds(len(collection), ctx.world_size, ctx.rank)
+    return embed(method, collection, cfg, ctx, transform, range(start, stop))
+
+
+def reduce_mean(stats: dict, ctx: DistContext) -> dict:
+    """Average per-rank numbers over ranks (the sharded knn term averages to the global loss)."""
+    if not ctx.distributed:
+        return stats
+    keys = sorted(stats)
+    t = ctx.all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=ctx.device))
+    return {k: float(v) / ctx.world_size for k, v in zip(keys, t.cpu())}
 
 
 def train_one_epoch(method: Method, loader: DataLoader, optimizer, memory: MemoryBank, cfg: Config,
-                    ctx: DistContext, step: int, total_steps: int, log: Callable = print) -> tuple[dict, int]:
-    """One pass over the loader; the memory row of each sample is updated once per step."""
+                    ctx: DistContext, step: int, total_steps: int, on_step: Optional[Callable] = None,
+                    epoch: int = 0) -> tuple[dict, int]:
+    """One pass over the loader; the memory row of each sample is updated once per step.
+    on_step(epoch, step_in_epoch) is called before each step (progress, fault injection)."""
     method.train()
     warmup = int(cfg.optim.warmup_epochs * len(loader))
     sums: dict[str, float] = {}
-    start, n = time.time(), 0
-    for views, labels, indices in loader:
+    start, n, lr, tau = time.time(), 0, 0.0, cfg.method.tau_base
+    for i, (views, labels, indices) in enumerate(loader):
+        if on_step is not None:
+            on_step(epoch + 1, i)
         lr = lr_at(step, total_steps, warmup, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -88,89 +124,119 @@ def train_one_epoch(method: Method, loader: DataLoader, optimizer, memory: Memor
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        method.after_step(ema_tau(cfg.method.tau_base, step, total_steps, cfg.method.tau_schedule))
+        tau = ema_tau(cfg.method.tau_base, step, total_steps, cfg.method.tau_schedule)
+        method.after_step(tau)
         memory.update(indices, z_mean)
         for k, v in {"loss": float(loss.detach()), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
         step, n = step + 1, n + 1
-    stats = {k: v / max(n, 1) for k, v in sums.items()}
-    stats["lr"] = lr if n else 0.0
-    stats["images_per_s"] = n * loader.batch_size * ctx.world_size / max(time.time() - start, 1e-9)
+    stats = reduce_mean({k: v / max(n, 1) for k, v in sums.items()}, ctx)
+    stats.update(lr=lr, tau=tau, images_per_s=n * cfg.optim.batch_size / max(time.time() - start, 1e-9))
     return stats, step
+
+
+def build_loader(dataset, cfg: Config, ctx: DistContext) -> tuple[DataLoader, DistributedSampler]:
+    """Each rank draws its share of a seeded permutation; the tail that does not fill a global
+    batch is dropped, so no sample is padded in twice."""
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size // ctx.world_size, sampler=sampler,
+                        drop_last=True, num_workers=cfg.data.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))
+    if len(loader) == 0:
+        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is larger than the training set ({len(dataset)})")
+    return loader, sampler
 
 
 def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistContext,
                  on_epoch: Optional[Callable] = None, log: Callable = print,
-                 test_levels: Optional[list[str]] = None, method_name: Optional[str] = None):
-    """Train one method on `labels` (the training-level labels, or pseudo-labels). Returns
-    (method, memory, history). Only `labels` reaches the training step."""
+                 test_levels: Optional[list[str]] = None, method_name: Optional[str] = None,
+                 resume_from: Optional[str] = None, on_step: Optional[Callable] = None):
+    """Train one method on `labels` (training-level labels or pseudo-labels): only they reach a step.
+
+    on_epoch(epoch, stats, save) is called on every rank after each epoch; save(directory)
+    writes this rank's checkpoint files. resume_from: a checkpoint directory to continue from.
+    Returns (method, eval transform, history, memory).
+    """
     method_cls = get_method(method_name or cfg.method.name)
-    num_classes = int(labels.max()) + 1
     channels = train.image(0).shape[0]
     torch.manual_seed(cfg.seed)                                # identical init on every rank
-    method = method_cls(cfg, channels, num_classes).to(ctx.device)
+    method = method_cls(cfg, channels, int(labels.max()) + 1).to(ctx.device)
+    if ctx.distributed:
+        method.set_ddp(DistributedDataParallel(method.net, device_ids=None if ctx.device.type == "cpu"
+                                               else [ctx.device]))
     train_tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=True)
     eval_tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=False)
-
-    dataset = TrainViews(train, labels, train_tf, cfg.data.num_views)
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                 shuffle=True, seed=cfg.seed)
-    per_rank = cfg.optim.batch_size // ctx.world_size
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))
-    if len(loader) == 0:
-        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is larger than the training set ({len(train)})")
+    loader, sampler = build_loader(TrainViews(train, labels, train_tf, cfg.data.num_views), cfg, ctx)
     optimizer = build_optimizer(method, cfg)
     total_steps = cfg.optim.epochs * len(loader)
 
-    # ====== the memory starts from real embeddings (one clean pass), not random ======
-    memory = MemoryBank(torch.as_tensor(labels), method.net.embed_dim,
-                        renormalize=cfg.method.memory_renormalize, device=ctx.device)
-    z0, _ = embed(method, train, cfg, ctx, eval_tf)
-    memory.fill(torch.arange(len(train)), z0)
+    # ====== the memory starts from real embeddings (one clean pass, each rank its rows) ======
+    bank_labels = torch.as_tensor(labels)
+    memory = (ShardedMemoryBank(bank_labels, method.net.embed_dim, ctx, renormalize=cfg.method.memory_renormalize)
+              if ctx.distributed else
+              MemoryBank(bank_labels, method.net.embed_dim, renormalize=cfg.method.memory_renormalize,
+                         device=ctx.device))
+    history, step, first_epoch = [], 0, 0
+    torch.manual_seed(cfg.seed + 1000 * ctx.rank)               # augmentation stream per rank
+    if resume_from:
+        state = checkpoint.load(resume_from, ctx, method=method, optimizer=optimizer, memory=memory)
+        history, step, first_epoch = state["history"], state["step"], state["epoch"]
+        if ctx.is_main:
+            log(f"resumed from {resume_from} at epoch {first_epoch}")
+    else:
+        z0, _ = embed_sharded(method, train, cfg, ctx, eval_tf)
+        memory.fill(torch.arange(memory.offset, memory.offset + len(z0)), z0)
 
     levels = test_levels or []
     level_labels = {lv: torch.as_tensor(train.labels_at(lv)) for lv in levels}
     val_idx = validation_indices(len(train), cfg.eval.val_size)
-    torch.manual_seed(cfg.seed + 1000 * ctx.rank)               # augmentation stream per rank
-    history, step = [], 0
-    for epoch in range(cfg.optim.epochs):
+    for epoch in range(first_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
         start = time.time()
-        stats, step = train_one_epoch(method, loader, optimizer, memory, cfg, ctx, step, total_steps, log)
-        stats.update(online_knn(memory.bank, level_labels, val_idx, cfg))
+        stats, step = train_one_epoch(method, loader, optimizer, memory, cfg, ctx, step, total_steps,
+                                      on_step, epoch)
+        stats.update(online_knn(memory, level_labels, val_idx, cfg, ctx))
         stats.update(epoch=epoch + 1, epoch_time_s=time.time() - start)
         history.append(stats)
         if ctx.is_main:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch")
             log(f"[{method_cls.__name__} {cfg.data.train_level}] epoch {epoch + 1}/{cfg.optim.epochs}: {shown}")
         if on_epoch is not None:
-            on_epoch(epoch + 1, stats)
-    return method, eval_tf, history
+            def save(directory, _epoch=epoch + 1):
+                checkpoint.save(directory, ctx, method=method, optimizer=optimizer, memory=memory,
+                                epoch=_epoch, step=step, history=history)
+            on_epoch(epoch + 1, stats, save)
+    return method, eval_tf, history, memory
 
 
 def fit(cfg: Config, train: Collection, query: Collection, ctx: DistContext = DistContext(),
-        on_epoch: Optional[Callable] = None, log: Callable = print) -> FitResult:
-    """Train cfg.method at cfg.data.train_level and evaluate at every test level."""
+        on_epoch: Optional[Callable] = None, log: Callable = print,
+        resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> FitResult:
+    """Train cfg.method at cfg.data.train_level and evaluate at every test level (every rank
+    calls it; every rank returns the same metrics)."""
     level = cfg.data.train_level
     test_levels = check_against_data(cfg, train)
     method_cls = get_method(cfg.method.name)
     if level == NONE_LEVEL and not method_cls.label_free(cfg):
         note = f"{cfg.method.name} has no label-free loss: nothing to learn at level 'none'"
-        log(f"skipped: {note}")
+        if ctx.is_main:
+            log(f"skipped: {note}")
         return FitResult(None, skipped=note)
     labels = torch.as_tensor(train.labels_at(level))
 
     def train_stage(name, stage_labels):
-        m, tf, _ = train_method(cfg, train, stage_labels.numpy(), ctx, log=log, method_name=name)
-        return embed(m, train, cfg, ctx, tf)[0]
+        m, tf, _, _ = train_method(cfg, train, stage_labels.numpy(), ctx, log=log, method_name=name)
+        return gather_rows(embed_sharded(m, train, cfg, ctx, tf)[0], len(train), ctx)
 
     labels = method_cls.prepare_labels(cfg, labels, train_stage)
-    method, eval_tf, history = train_method(cfg, train, labels.numpy(), ctx, on_epoch, log, test_levels)
+    method, eval_tf, history, memory = train_method(cfg, train, labels.numpy(), ctx, on_epoch, log,
+                                                    test_levels, resume_from=resume_from, on_step=on_step)
 
     # ====== test time: only f and P remain; m_i = g(x_i) recomputed with the final weights ======
-    bank, _ = embed(method, train, cfg, ctx, eval_tf)
-    queries, query_logits = embed(method, query, cfg, ctx, eval_tf)
-    metrics = evaluate(cfg, bank, train, queries, query, test_levels, query_logits)
+    shard, _ = embed_sharded(method, train, cfg, ctx, eval_tf)
+    queries, query_logits = embed_sharded(method, query, cfg, ctx, eval_tf)
+    queries = gather_rows(queries, len(query), ctx)
+    query_logits = gather_rows(query_logits, len(query), ctx)
+    metrics = evaluate(cfg, shard, memory.offset, train, queries, query, test_levels, ctx, query_logits)
     return FitResult(method, metrics, history)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from grafit_core.config import Config
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.errors import ConfigError, DataError
-from grafit_core.metrics import average_precisions, choose_k, knn_classify, knn_predict_multi
+from grafit_core.distributed import DistContext
+from grafit_core.sharded_metrics import (sharded_average_precisions, sharded_choose_k, sharded_knn_classify,
+                                         sharded_knn_predict_multi)
 
 VALIDATION_SEED = 0   # the same validation subset for every run, so sweeps compare like with like
 ONLINE_K = 20         # k of the per-epoch online kNN when eval.k is `auto`
@@ -49,44 +51,63 @@ def _num_classes(labels: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def online_knn(bank: torch.Tensor, level_labels: dict[str, torch.Tensor], val_idx: torch.Tensor,
-               cfg: Config) -> dict[str, float]:
+def online_knn(memory, level_labels: dict[str, torch.Tensor], val_idx: torch.Tensor,
+               cfg: Config, ctx: DistContext) -> dict[str, float]:
     """kNN top-1 of the validation subset against the current memory (leave-one-out), per level.
-    Comparable across sigma, tau and loss weights, unlike the losses."""
+    Comparable across sigma, tau and loss weights, unlike the losses. Works on the memory shard."""
     if not level_labels:
         return {}
-    k = min(cfg.eval.k if isinstance(cfg.eval.k, int) else ONLINE_K, len(bank) - 1)
-    preds = knn_predict_multi(bank[val_idx], bank, level_labels, [k], cfg.eval_sigma,
-                              _num_classes(level_labels), exclude=val_idx)
-    return {f"online_knn_top1/{lv}": float((preds[(lv, k)] == lab[val_idx]).float().mean())
+    n = len(next(iter(level_labels.values())))
+    k = min(cfg.eval.k if isinstance(cfg.eval.k, int) else ONLINE_K, n - 1)
+    lo, hi = memory.offset, memory.offset + len(memory)
+    shard_labels = {lv: lab[lo:hi] for lv, lab in level_labels.items()}
+    val = gather_memory_rows(memory.bank, lo, val_idx, ctx)
+    preds = sharded_knn_predict_multi(val, memory.bank, shard_labels, lo, [k], cfg.eval_sigma,
+                                      _num_classes(level_labels), ctx, exclude=val_idx)
+    return {f"online_knn_top1/{lv}": float((preds[(lv, k)].cpu() == lab[val_idx]).float().mean())
             for lv, lab in level_labels.items()}
 
 
+def gather_memory_rows(shard: torch.Tensor, offset: int, rows: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The memory rows `rows` (global indices), which live on their owners: each rank fills the
+    rows it owns, a sum over ranks assembles them (len(rows) x d: small)."""
+    out = torch.zeros(len(rows), shard.shape[1], dtype=shard.dtype, device=shard.device)
+    local = rows.to(shard.device) - offset
+    mine = (local >= 0) & (local < len(shard))
+    out[mine] = shard[local[mine]]
+    return ctx.all_reduce_sum(out)
+
+
 @torch.no_grad()
-def evaluate(cfg: Config, bank: torch.Tensor, train: Collection, queries: torch.Tensor,
-             query: Collection, test_levels: list[str], query_logits=None) -> dict[str, float]:
-    """Every metric at every test level from one set of embeddings."""
+def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, queries: torch.Tensor,
+             query: Collection, test_levels: list[str], ctx: DistContext = DistContext(),
+             query_logits=None) -> dict[str, float]:
+    """Every metric at every test level from one set of embeddings. `shard` holds the collection's
+    rows [offset, offset + len(shard)) (all of it in one process); queries are replicated."""
     sigma, level = cfg.eval_sigma, cfg.data.train_level
     levels = list(dict.fromkeys(test_levels + ([level] if level != NONE_LEVEL else [])))
-    bank_labels = {lv: torch.as_tensor(train.labels_at(lv)) for lv in levels}
+    lo, hi = offset, offset + len(shard)
+    full_labels = {lv: torch.as_tensor(train.labels_at(lv)) for lv in levels}
+    bank_labels = {lv: lab[lo:hi] for lv, lab in full_labels.items()}
     query_labels = {lv: torch.as_tensor(query.labels_at(lv)) for lv in levels}
     nc = {lv: train.num_classes(lv) for lv in levels}
     metrics: dict[str, float] = {}
 
     # ====== k per level: chosen on the validation subset (leave-one-out), or fixed ======
     if cfg.eval.k == "auto":
-        candidates = [k for k in cfg.eval.k_candidates if k < len(bank)] or [len(bank) - 1]
-        val_idx = validation_indices(len(bank), cfg.eval.val_size)
+        candidates = [k for k in cfg.eval.k_candidates if k < len(train)] or [len(train) - 1]
+        val_idx = validation_indices(len(train), cfg.eval.val_size)
         chosen = {lv: best for lv, (best, _) in
-                  choose_k(bank, bank_labels, val_idx, candidates, sigma, nc).items()}
+                  sharded_choose_k(shard, bank_labels, offset, val_idx, candidates, sigma, nc, ctx).items()}
     else:
         chosen = {lv: cfg.eval.k for lv in levels}
 
     # ====== on-the-fly classification (eq. 6) ======
-    preds = knn_predict_multi(queries, bank, bank_labels, sorted(set(chosen.values())), sigma, nc)
+    preds = sharded_knn_predict_multi(queries, shard, bank_labels, offset, sorted(set(chosen.values())),
+                                      sigma, nc, ctx)
     for lv in test_levels:
         metrics[f"k/{lv}"] = chosen[lv]
-        metrics[f"knn_top1/{lv}"] = float((preds[(lv, chosen[lv])] == query_labels[lv]).float().mean())
+        metrics[f"knn_top1/{lv}"] = float((preds[(lv, chosen[lv])].cpu() == query_labels[lv]).float().mean())
 
     # ====== p_c for conditioned ranking: the head's softmax (CE) or eq. 6 with coarse labels ======
     coarse_probs = {}
@@ -94,17 +115,23 @@ def evaluate(cfg: Config, bank: torch.Tensor, train: Collection, queries: torch.
         if query_logits is not None:
             coarse_probs["cond"] = F.softmax(query_logits.float(), dim=1)
         else:
-            coarse_probs["cond"] = knn_classify(queries, bank, bank_labels[level], chosen[level], sigma, nc[level])
+            coarse_probs["cond"] = sharded_knn_classify(queries, shard, bank_labels[level], offset,
+                                                        chosen[level], sigma, nc[level], ctx)
         coarse_probs["oracle"] = F.one_hot(query_labels[level], nc[level]).float()
-        metrics[f"coarse_top1/{level}"] = float((coarse_probs["cond"].argmax(1) == query_labels[level]).float().mean())
+        metrics[f"coarse_top1/{level}"] = float((coarse_probs["cond"].argmax(1).cpu() == query_labels[level]).float().mean())
 
     # ====== category-level retrieval (§3.2): cosine, conditioned, oracle ======
     for lv in test_levels:
-        ap = average_precisions(queries, query_labels[lv], bank, bank_labels[lv])
-        metrics[f"map_cosine/{lv}"] = float(np.nanmean(ap.numpy())) if (~torch.isnan(ap)).any() else float("nan")
+        ap = sharded_average_precisions(queries, query_labels[lv], shard, bank_labels[lv], offset, ctx)
+        metrics[f"map_cosine/{lv}"] = _mean(ap)
         metrics[f"map_skipped/{lv}"] = int(torch.isnan(ap).sum())
         for name, probs in coarse_probs.items():
-            ap = average_precisions(queries, query_labels[lv], bank, bank_labels[lv],
-                                    collection_coarse=bank_labels[level], query_coarse_probs=probs)
-            metrics[f"map_{name}/{lv}"] = float(np.nanmean(ap.numpy())) if (~torch.isnan(ap)).any() else float("nan")
+            ap = sharded_average_precisions(queries, query_labels[lv], shard, bank_labels[lv], offset, ctx,
+                                            shard_coarse=bank_labels[level], query_coarse_probs=probs)
+            metrics[f"map_{name}/{lv}"] = _mean(ap)
     return metrics
+
+
+def _mean(ap: torch.Tensor) -> float:
+    ok = ~torch.isnan(ap)
+    return float(ap[ok].mean()) if ok.any() else float("nan")

@@ -66,7 +66,10 @@ class MemoryBank:
 
 
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Rows [start, stop) of the memory that `rank` owns: contiguous blocks of ceil(n / W)."""
+    """Rows [start, stop) of the memory that `rank` owns: contiguous blocks of ceil(n / W),
+    the last one(s) shorter or empty (start = stop = n) when W does not divide n."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     size = -(-n // world_size)
     start = min(rank * size, n)
     return start, min(start + size, n)

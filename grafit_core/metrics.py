@@ -141,34 +141,46 @@ def choose_k(bank, labels_per_level, val_indices, candidates=(10, 15, 20, 25, 30
 
 # ------------------------------------------------------------ retrieval AP (eq. 5)
 
-def _ap_from_scores(scores, relevant):
-    """Exact per-row non-interpolated AP (as sklearn's average_precision_score).
+def _pack_relevant(scores, relevant, width, fill, col_start=None):
+    """(q, width) matrix of each row's relevant scores, in columns col_start[i] + 0, 1, ...
 
-    AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r}.
-    Instead of sorting the N scores of a row we sort only its R relevant
-    scores (thresholds) and bucket the N scores between them: an item with b
-    thresholds <= its score counts for the b lowest thresholds. O(N log R).
-    Relevant scores must be finite; -inf items (excluded) count nowhere.
+    Other cells hold `fill`. col_start lets several shards write disjoint column
+    ranges of the same row (the sharded path sums their matrices).
     """
-    q = scores.shape[0]
     n_rel = relevant.sum(dim=1)
-    ap = torch.full((q,), float("nan"), dtype=torch.float64)
-    r_max = int(n_rel.max()) if q else 0
-    if r_max == 0:
-        return ap
-    # Padded (q, r_max) matrix of relevant scores; +inf pads sort last and
-    # are never <= a finite score.
     rows, cols = relevant.nonzero(as_tuple=True)  # row-major order
     first = torch.cumsum(n_rel, 0) - n_rel
     pos = torch.arange(rows.numel(), device=rows.device) - first[rows]
-    thr = scores.new_full((q, r_max), float("inf"))
-    thr[rows, pos] = scores[rows, cols]
-    thr = thr.sort(dim=1).values
-    # bins[i, n] = number of thresholds <= score: item counts for thresholds 0..bin-1.
+    if col_start is not None:
+        pos = pos + col_start[rows]
+    out = scores.new_full((scores.shape[0], width), fill)
+    out[rows, pos] = scores[rows, cols]
+    return out
+
+
+def _count_at_or_above(thr, scores):
+    """(q, r_max) long: per row, #items whose score is >= each threshold of thr.
+
+    thr is sorted per row (+inf pads allowed). Instead of sorting the N scores
+    we bucket them between the thresholds: bins[i, n] = #thresholds <= score,
+    so the item counts for thresholds 0..bin-1. O(N log R). -inf items count
+    nowhere. Counts of disjoint item sets add up (the sharded path sums them).
+    """
+    q, r_max = thr.shape
     bins = torch.searchsorted(thr, scores.contiguous(), right=True, out_int32=True)
     offsets = torch.arange(q, device=bins.device).unsqueeze(1) * (r_max + 1)
     hist = torch.bincount((bins + offsets).flatten(), minlength=q * (r_max + 1)).view(q, r_max + 1)
-    n_ge = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # #items with score >= thr[:, r]
+    return hist.flip(1).cumsum(1).flip(1)[:, 1:]
+
+
+def _ap_from_counts(thr, n_rel, n_ge):
+    """(q,) float64 AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r}.
+
+    thr: sorted relevant scores (+inf pads past n_rel); n_ge from _count_at_or_above.
+    NaN where a row has no relevant item.
+    """
+    r_max = thr.shape[1]
+    ap = torch.full((thr.shape[0],), float("nan"), dtype=torch.float64)
     # #relevant with score >= thr[r] = R - #thresholds strictly below thr[r] (handles ties)
     rel_ge = n_rel.unsqueeze(1) - torch.searchsorted(thr, thr, right=False)
     valid = torch.arange(r_max, device=thr.device).unsqueeze(0) < n_rel.unsqueeze(1)
@@ -178,9 +190,33 @@ def _ap_from_scores(scores, relevant):
     return ap
 
 
+def _ap_from_scores(scores, relevant):
+    """Exact per-row non-interpolated AP (as sklearn's average_precision_score).
+
+    Sorts only the R relevant scores of a row (thresholds), then counts the
+    items at or above each. Relevant scores must be finite; -inf items
+    (excluded) count nowhere.
+    """
+    n_rel = relevant.sum(dim=1)
+    r_max = int(n_rel.max()) if scores.shape[0] else 0
+    if r_max == 0:
+        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
+    # +inf pads sort last and are never <= a finite score.
+    thr = _pack_relevant(scores, relevant, r_max, float("inf")).sort(dim=1).values
+    return _ap_from_counts(thr, n_rel, _count_at_or_above(thr, scores))
+
+
 def _coarse_logits(query_coarse_probs):
     p = query_coarse_probs.double().clamp(_P_EPS, 1 - _P_EPS)
     return (torch.log(p) - torch.log1p(-p)).float()
+
+
+def _chunk_scores(query, collection, logits, collection_coarse):
+    """float32 scores of normalised query rows vs collection rows, + eq. 5 coarse logits."""
+    scores = query @ collection.T
+    if logits is not None:
+        scores += logits.index_select(1, collection_coarse)
+    return scores
 
 
 def average_precisions(query, query_labels, collection, collection_labels, *, collection_coarse=None,
@@ -204,9 +240,8 @@ def average_precisions(query, query_labels, collection, collection_labels, *, co
     aps = []
     for start in range(0, query.shape[0], chunk_size):
         stop = start + chunk_size
-        scores = query[start:stop] @ collection.T
-        if logits is not None:
-            scores += logits[start:stop].index_select(1, collection_coarse)
+        scores = _chunk_scores(query[start:stop], collection,
+                               None if logits is None else logits[start:stop], collection_coarse)
         relevant = query_labels[start:stop].unsqueeze(1) == collection_labels.unsqueeze(0)
         if exclude is not None:
             ex = exclude[start:stop].to(dev)

@@ -1,8 +1,7 @@
 """The `grafit` command line.
 
     grafit local jobs/omniglot.yaml --methods grafit,ce     # one process, no Ray, no MLflow
-
-Subcommands that run on Ray (train, sweep, matrix, submit) arrive with their issues.
+    grafit train jobs/omniglot.yaml --workers 2             # Ray Train, memory sharded per worker
 """
 from __future__ import annotations
 
@@ -80,6 +79,58 @@ def cmd_local(args) -> int:
     return 0
 
 
+def connect_ray(address: str | None, num_cpus: int | None):
+    """Connect to the cluster at --ray-address / RAY_ADDRESS, else start a local Ray."""
+    import ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith("http"):
+        raise GrafitError(f"--ray-address {address}: that is a job-server URL; give the cluster address "
+                          f"for ray.init (e.g. 10.0.0.1:6379 or 'auto')")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def print_levels(metrics: dict, levels: list[str]) -> None:
+    rows = [{"test level": lv, **{k.split("/")[0]: v for k, v in metrics.items() if k.endswith(f"/{lv}")}}
+            for lv in levels]
+    print(format_table(rows, ["test level", "k", "knn_top1", "map_cosine", "map_cond", "map_oracle"]))
+
+
+def cmd_train(args) -> int:
+    """Validate everything locally, then train on Ray with W workers."""
+    from grafit_core.config import load_config
+    from grafit_core.data import prepare_data
+    from grafit_core.evaluate import check_against_data
+    from grafit_core.methods import get_method
+
+    cfg = load_config(args.config, parse_set(args.set))
+    get_method(cfg.method.name)
+    if cfg.optim.batch_size % args.workers:
+        raise GrafitError(f"{args.config}: optim.batch_size: {cfg.optim.batch_size} (the global batch) "
+                          f"must be divisible by --workers {args.workers}")
+    train, _ = prepare_data(cfg.data)          # data errors surface before any cluster resource
+    levels = check_against_data(cfg, train)
+    from orchestrator.train import run_training
+    connect_ray(args.ray_address, args.num_cpus)
+    result = run_training(cfg, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
+                          name=args.name, max_failures=args.max_failures)
+    if result.error:
+        print(f"grafit: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"\n== {cfg.name}: {cfg.method.name} trained on {cfg.data.train_level} with {args.workers} workers "
+          f"({result.wall_s:.0f}s) ==")
+    final = result.return_value
+    if final["skipped"]:
+        print(f"skipped: {final['skipped']}")
+    else:
+        print_levels(final["metrics"], levels)
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grafit", description="Grafit experiments: train, evaluate, compare.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set optim.epochs=3 (repeatable)")
     p.add_argument("--output", default=None, help="write metrics and per-epoch history to this JSON file")
     p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser("train", help="train on Ray Train workers (DDP, memory sharded per worker)")
+    p.add_argument("config", help="job YAML, e.g. jobs/omniglot.yaml")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (one process each); default 2")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker; > 0 uses NCCL and CUDA (default 0: gloo on CPU)")
+    p.add_argument("--ray-address", default=None,
+                   help="cluster address for ray.init (e.g. auto or HEAD:6379); default RAY_ADDRESS, "
+                        "else a local Ray is started. Not the job-server URL of `grafit submit`")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--storage-path", default="runs/ray",
+                   help="where checkpoints go; every node must reach it (default runs/ray)")
+    p.add_argument("--name", default=None, help="run name (default: the config's name); rerunning a name resumes it")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="worker-group restarts from the latest checkpoint before giving up (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

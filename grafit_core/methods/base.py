@@ -28,6 +28,12 @@ class Method(nn.Module):
         self.net = GrafitNet(trunk, feat_dim, self.projector_kind, cfg.model.embed_dim, cfg.model.hidden_dim,
                              predictor=self.w_inst > 0, num_classes=num_classes if self.w_ce > 0 else 0)
         self.target = TargetNet(self.net) if self.w_inst > 0 else None
+        self._ddp = None
+
+    def set_ddp(self, ddp: nn.Module) -> None:
+        """Run training forwards through a DistributedDataParallel wrapper of self.net
+        (kept out of the module tree so state_dict keys stay those of a single process)."""
+        object.__setattr__(self, "_ddp", ddp)
 
     @classmethod
     def resolve(cls, cfg, key: str):
@@ -48,7 +54,7 @@ class Method(nn.Module):
     def training_step(self, views: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, memory):
         """views: B x T x C x H x W. Returns (loss, {name: value}, normalised mean embedding per sample)."""
         B, T = views.shape[:2]
-        out = self.net(views.flatten(0, 1))
+        out = (self._ddp if self._ddp is not None else self.net)(views.flatten(0, 1))
         z = out["z"].view(B, T, -1)
         parts = {}
         if self.w_knn > 0:   # L_knn on each of the T views, averaged

@@ -1,0 +1,232 @@
+"""Exact kNN and retrieval-AP evaluation over a memory bank sharded across W workers.
+
+Worker r holds only the contiguous global rows [start_r, stop_r) of the N x d bank
+(`shard_range`); queries are replicated. No worker ever holds the N x d bank or a
+Q x N score matrix: per chunk of q queries a worker scores its own q x N/W block and
+exchanges O(q * k) (kNN) or O(q * R) (AP, R = #relevant items) values, never O(N).
+
+The results equal the single-process functions of grafit_core.metrics on the
+concatenated bank (same float32 scores, same voting and AP counting); with
+ctx.world_size == 1 no collective is called and they run the same code path.
+Every rank calls the same collectives in the same order and returns the same values.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from grafit_core.memory import shard_bounds
+from grafit_core.metrics import (
+    _ap_from_counts,
+    _check_exclude,
+    _chunk_scores,
+    _coarse_logits,
+    _count_at_or_above,
+    _mask_excluded,
+    _normalise,
+    _pack_relevant,
+    _vote,
+    knn_top1,
+)
+
+
+# the memory's layout: one definition for training and evaluation
+shard_range = shard_bounds
+
+
+def _global_size(n_local, offset, ctx, device):
+    """N of the whole bank; checks that the shards tile [0, N) without gap or overlap.
+
+    Every rank sees the same gathered layout, so a bad layout raises on all ranks
+    alike (nobody is left waiting in a collective).
+    """
+    layout = ctx.all_gather_cat(torch.tensor([[offset, n_local]], dtype=torch.long, device=device))
+    layout = sorted(tuple(r) for r in layout.tolist() if r[1] > 0)  # empty shards: any offset
+    n = 0
+    for start, size in layout:
+        if start != n:
+            raise ValueError(f"shards do not tile the bank: one starts at {start}, expected {n}")
+        n += size
+    return n
+
+
+def _localise(exclude, offset, n_local):
+    """Global excluded row per query -> row of this shard, -1 if another shard owns it."""
+    if exclude is None:
+        return None
+    mine = (exclude >= offset) & (exclude < offset + n_local)
+    return torch.where(mine, exclude - offset, torch.full_like(exclude, -1))
+
+
+# --------------------------------------------------------------------------- kNN
+
+def _sharded_knn_scan(query, shard, labels, offset, kmax, chunk_size, exclude, ctx):
+    """Yield (start, top_sims (q, kmax), top_labels (L, q, kmax)) per chunk, as _knn_scan.
+
+    The global top-k is within the union of the shards' local top-k, so merging
+    W * kmax candidates with one more topk is exact. Shards shorter than kmax pad
+    with -inf sims, which never reach the merged top-k (the bank has >= kmax rows).
+    As in the single process, rows tied at the k-th similarity may be picked in
+    either order (topk leaves it unspecified).
+    """
+    if kmax < 1:
+        raise ValueError(f"k must be >= 1, got {kmax}")
+    dev, n_local = query.device, shard.shape[0]
+    n_total = _global_size(n_local, offset, ctx, dev)
+    query, shard = _normalise(query), _normalise(shard).to(dev)
+    exclude = _check_exclude(exclude, query.shape[0], n_total)
+    kmax = min(kmax, n_total - (exclude is not None))
+    if kmax < 1:
+        raise ValueError("the bank has no row left to vote")
+    local_ex = _localise(exclude, offset, n_local)
+    lab = torch.stack([x.to(dev).long() for x in labels]) if labels else \
+        torch.zeros(0, n_local, dtype=torch.long, device=dev)
+    k_local = min(kmax, n_local)
+    for start in range(0, query.shape[0], chunk_size):
+        sims = query[start:start + chunk_size] @ shard.T
+        _mask_excluded(sims, local_ex, start)  # only the owner of the row masks it
+        top_sims, top_idx = sims.topk(k_local, dim=1)
+        pad = kmax - k_local
+        top_sims = F.pad(top_sims, (0, pad), value=float("-inf"))
+        top_lab = F.pad(lab[:, top_idx], (0, pad), value=0)  # (L, q, kmax)
+        q, width = top_sims.shape[0], ctx.world_size * kmax
+        cand_sims = ctx.all_gather_cat(top_sims[None]).permute(1, 0, 2).reshape(q, width)
+        cand_lab = ctx.all_gather_cat(top_lab[None]).permute(1, 2, 0, 3).reshape(len(lab), q, width)
+        merged, idx = cand_sims.topk(kmax, dim=1)  # sorted: column 0 is the global max
+        yield start, merged, cand_lab.gather(2, idx.expand(len(lab), -1, -1))
+
+
+def sharded_knn_classify(query, shard, shard_labels, offset, k, sigma, num_classes, ctx, *,
+                         chunk_size=1024, exclude=None):
+    """(Q, C) kNN probabilities of eq. 6, as knn_classify on the concatenated bank.
+
+    exclude: optional (Q,) GLOBAL bank row to leave out per query (-1 = none).
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    out = torch.empty(query.shape[0], num_classes, device=query.device)
+    for start, sims, labs in _sharded_knn_scan(query, shard, [shard_labels], offset, k,
+                                               chunk_size, exclude, ctx):
+        out[start:start + sims.shape[0]] = _vote(sims, labs[0], k, sigma, num_classes)
+    return out
+
+
+def sharded_knn_predict_multi(query, shard, shard_labels_per_level, offset, ks, sigma, num_classes,
+                              ctx, *, chunk_size=1024, exclude=None):
+    """{(level, k): (Q,) predicted labels}, as knn_predict_multi on the concatenated bank."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    levels = list(shard_labels_per_level)
+    preds = {(lvl, k): torch.empty(query.shape[0], dtype=torch.long, device=query.device)
+             for lvl in levels for k in ks}
+    scan = _sharded_knn_scan(query, shard, [shard_labels_per_level[lvl] for lvl in levels], offset,
+                             max(ks), chunk_size, exclude, ctx)
+    for start, sims, labs in scan:
+        for lvl, top_labels in zip(levels, labs):
+            for k in ks:
+                probs = _vote(sims, top_labels, k, sigma, num_classes[lvl])
+                preds[(lvl, k)][start:start + sims.shape[0]] = probs.argmax(dim=1)
+    return preds
+
+
+def sharded_choose_k(shard, labels_per_level, offset, val_indices_global, candidates, sigma,
+                     num_classes, ctx, *, chunk_size=1024):
+    """choose_k over the sharded bank: {level: (best_k, {k: top1})}, same on every rank.
+
+    The validation rows live on their owners; a (V, d) all-reduce in which each row is
+    written by its owner only (others add exact zeros) replicates them: V x d is small.
+    """
+    if num_classes is None:
+        raise ValueError("num_classes (dict level -> number of classes) is required")
+    dev, n_local = shard.device, shard.shape[0]
+    val = torch.as_tensor(val_indices_global, dtype=torch.long, device=dev)
+    n_total = _global_size(n_local, offset, ctx, dev)
+    if val.numel() and (int(val.min()) < 0 or int(val.max()) >= n_total):
+        raise ValueError(f"val_indices_global must lie in [0, {n_total})")
+    levels = list(labels_per_level)
+    mine = (val >= offset) & (val < offset + n_local)
+    rows = torch.zeros(val.numel(), shard.shape[1], device=dev)
+    rows[mine] = shard[val[mine] - offset].float()  # _normalise casts to float first anyway
+    labs = torch.zeros(len(levels), val.numel(), dtype=torch.long, device=dev)
+    for i, lvl in enumerate(levels):
+        labs[i, mine] = labels_per_level[lvl].to(dev).long()[val[mine] - offset]
+    rows, labs = ctx.all_reduce_sum(rows), ctx.all_reduce_sum(labs)
+    ks = sorted(set(candidates))
+    preds = sharded_knn_predict_multi(rows, shard, labels_per_level, offset, ks, sigma, num_classes,
+                                      ctx, chunk_size=chunk_size, exclude=val)
+    result = {}
+    for i, lvl in enumerate(levels):
+        scores = {k: knn_top1(preds[(lvl, k)], labs[i]) for k in ks}
+        result[lvl] = (max(ks, key=lambda k: (scores[k], -k)), scores)  # ties -> smallest k
+    return result
+
+
+# ------------------------------------------------------------------ retrieval AP
+
+def _sharded_chunk_ap(scores, relevant, ctx):
+    """(q,) float64 AP of a chunk whose columns are this shard's rows.
+
+    AP needs, per relevant score s_r, #relevant >= s_r and #items >= s_r over the
+    whole bank. The relevant scores of all shards (O(q * R)) are replicated and
+    sorted into thresholds; each shard counts its own items at or above each
+    threshold and the counts are summed. Nothing of size N leaves a worker.
+    """
+    counts = ctx.all_gather_cat(relevant.sum(dim=1)[None])  # (W, q) #relevant per shard
+    n_rel = counts.sum(dim=0)
+    r_max = int(n_rel.max()) if scores.shape[0] else 0
+    if r_max == 0:  # same n_rel on every rank: all skip the remaining collectives
+        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
+    # Rank r writes its relevant scores after those of ranks < r; other cells are 0,
+    # so the sum is exact (x + 0 == x) and holds every relevant score exactly once.
+    col_start = counts[:ctx.rank].sum(dim=0)
+    thr = ctx.all_reduce_sum(_pack_relevant(scores, relevant, r_max, 0.0, col_start))
+    pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
+    thr = thr.masked_fill(pads, float("inf")).sort(dim=1).values  # as the single-process path
+    n_ge = ctx.all_reduce_sum(_count_at_or_above(thr, scores))
+    return _ap_from_counts(thr, n_rel, n_ge)
+
+
+def sharded_average_precisions(query, query_labels, shard, shard_labels, offset, ctx, *,
+                               shard_coarse=None, query_coarse_probs=None, chunk_size=256,
+                               exclude=None):
+    """(Q,) float64 APs, as average_precisions on the concatenated collection.
+
+    Relevant = same fine label; NaN for a query with no relevant item on any shard.
+    shard_coarse / query_coarse_probs: eq. 5 conditioning (both or neither).
+    exclude: optional (Q,) GLOBAL collection row to leave out per query (-1 = none).
+    """
+    if (shard_coarse is None) != (query_coarse_probs is None):
+        raise ValueError("give both shard_coarse and query_coarse_probs, or neither")
+    dev, n_local = query.device, shard.shape[0]
+    n_total = _global_size(n_local, offset, ctx, dev)
+    query, shard = _normalise(query), _normalise(shard).to(dev)
+    query_labels, shard_labels = query_labels.to(dev), shard_labels.to(dev)
+    local_ex = _localise(_check_exclude(exclude, query.shape[0], n_total), offset, n_local)
+    logits = None
+    if query_coarse_probs is not None:
+        logits = _coarse_logits(query_coarse_probs.to(dev))
+        shard_coarse = shard_coarse.to(dev).long()
+    aps = []
+    for start in range(0, query.shape[0], chunk_size):
+        stop = start + chunk_size
+        scores = _chunk_scores(query[start:stop], shard,
+                               None if logits is None else logits[start:stop], shard_coarse)
+        relevant = query_labels[start:stop].unsqueeze(1) == shard_labels.unsqueeze(0)
+        if local_ex is not None:
+            ex = local_ex[start:stop].to(dev)
+            rows = (ex >= 0).nonzero(as_tuple=True)[0]
+            relevant[rows, ex[rows]] = False
+            _mask_excluded(scores, local_ex, start)
+        aps.append(_sharded_chunk_ap(scores, relevant, ctx))
+    return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
+
+
+def sharded_retrieval_map(query, query_labels, shard, shard_labels, offset, ctx, *,
+                          shard_coarse=None, query_coarse_probs=None, chunk_size=256):
+    """Mean AP over queries with at least one relevant item in the whole collection."""
+    aps = sharded_average_precisions(query, query_labels, shard, shard_labels, offset, ctx,
+                                     shard_coarse=shard_coarse,
+                                     query_coarse_probs=query_coarse_probs, chunk_size=chunk_size)
+    aps = aps[~torch.isnan(aps)]
+    return aps.mean().item() if aps.numel() else math.nan

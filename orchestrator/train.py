@@ -1,0 +1,114 @@
+"""Distributed Grafit training on Ray Train (Ray 2.60, Train V2): `grafit train CONFIG --workers W`.
+
+Every worker runs grafit_core's `fit` unchanged with its rank's DistContext: DDP for the
+networks, the memory sharded by global index range (grafit_core.memory.ShardedMemoryBank),
+sharded evaluation. Each epoch every rank reports the same metrics (already reduced) with its
+part of the checkpoint (rank 0: model and optimizer; every rank: its memory rows and RNG);
+Ray merges the parts into one checkpoint directory. A failed worker group restarts from the
+latest checkpoint (FailureConfig); rerunning with the same name resumes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+
+import torch
+
+from grafit_core.config import Config, config_from_dict, to_dict
+from grafit_core.errors import GrafitError
+
+# Test hook: "EPOCH:STEP:RANK:MARKER" makes that rank SIGKILL itself at that step of that epoch
+# (1-based epoch), once: the marker file records that it happened (a real process death).
+KILL_ENV = "GRAFIT_TEST_SIGKILL"
+
+
+def _maybe_kill(spec: str | None, epoch: int, step_in_epoch: int, rank: int) -> None:
+    if not spec:
+        return
+    e, s, r, marker = spec.split(":", 3)
+    if (epoch, step_in_epoch, rank) == (int(e), int(s), int(r)) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop(loop_config: dict) -> dict:
+    """The function every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from grafit_core.data import prepare_data
+    from grafit_core.distributed import DistContext
+    from grafit_core.engine import fit
+
+    cfg = config_from_dict(loop_config["config"], loop_config["source"])
+    rctx = ray.train.get_context()
+    world = rctx.get_world_size()
+    torch.set_num_threads(loop_config["threads"])
+    # the memory's collectives get their own gloo group, apart from DDP's gradient all-reduce
+    group = dist.new_group(backend="gloo") if world > 1 else None
+    ctx = DistContext(rank=rctx.get_world_rank(), world_size=world, device=ray.train.torch.get_device(),
+                      group=group)
+    train, query = prepare_data(cfg.data)
+
+    resume_dir = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
+        restored.to_directory(resume_dir)
+
+    def on_epoch(epoch, stats, save):
+        with tempfile.TemporaryDirectory() as tmp:
+            save(tmp)
+            ray.train.report(dict(stats), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def on_step(epoch, step_in_epoch):
+        _maybe_kill(loop_config.get("kill"), epoch, step_in_epoch, ctx.rank)
+
+    log = print if ctx.is_main else (lambda s: None)
+    result = fit(cfg, train, query, ctx, on_epoch=on_epoch, log=log, resume_from=resume_dir, on_step=on_step)
+    # Ray keeps the metrics of the last *checkpointed* report; the final metrics travel as the
+    # return value of rank 0 (Result.return_value), identical on every rank anyway.
+    return {"metrics": result.metrics, "history": result.history, "skipped": result.skipped}
+
+
+def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """A shortfall makes Ray wait forever for a placement group: refuse it up front instead."""
+    import ray
+    have = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0) + 1e-9:
+            raise GrafitError(
+                f"--workers {workers} needs {amount:g} {kind}s ({workers} x {amount / workers:g} per worker) "
+                f"but the Ray cluster has {have.get(kind, 0):g}; lower --workers or "
+                f"--{kind.lower()}s-per-worker, or add nodes")
+
+
+def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                 storage_path: str = "runs/ray", name: str | None = None, max_failures: int = 1,
+                 threads: int | None = None):
+    """Fit cfg on the connected Ray cluster; returns Ray's Result (metrics, checkpoint, history)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_resources(workers, cpus_per_worker, gpus_per_worker)
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(cfg), "source": cfg.source or "<config>",
+                           "threads": threads or max(1, int(cpus_per_worker)),
+                           "kill": os.environ.get(KILL_ENV)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=os.path.abspath(storage_path), name=name or cfg.name,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    start = time.time()
+    result = trainer.fit()
+    result.wall_s = time.time() - start
+    return result
