@@ -227,17 +227,27 @@ def average_precisions(query, query_labels, collection, collection_labels, *, co
     p = query_coarse_probs[q, collection_coarse[n]] when both are given (eq. 5).
     exclude: optional (Q,) long collection row to leave out per query (-1 = none).
     """
+    exclude = _check_exclude(exclude, query.shape[0], collection.shape[0])
+    aps = [_ap_from_scores(scores, relevant) for scores, relevant in _scored_chunks(
+        query, query_labels, collection, collection_labels, collection_coarse, query_coarse_probs, exclude,
+        chunk_size)]
+    return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
+
+
+def _scored_chunks(query, query_labels, collection, collection_labels, collection_coarse, query_coarse_probs,
+                   exclude, chunk_size):
+    """Per chunk of queries: float32 scores against `collection` (a whole collection or one
+    shard; eq. 5 when coarse probabilities are given) and the relevant mask, with each query's
+    `exclude` row (an index into `collection`, -1 none) removed from both."""
     if (collection_coarse is None) != (query_coarse_probs is None):
-        raise ValueError("give both collection_coarse and query_coarse_probs, or neither")
+        raise ValueError("give both coarse labels and query_coarse_probs, or neither")
     dev = query.device
     query, collection = _normalise(query), _normalise(collection).to(dev)
     query_labels, collection_labels = query_labels.to(dev), collection_labels.to(dev)
-    exclude = _check_exclude(exclude, query.shape[0], collection.shape[0])
     logits = None
     if query_coarse_probs is not None:
         logits = _coarse_logits(query_coarse_probs.to(dev))
         collection_coarse = collection_coarse.to(dev).long()
-    aps = []
     for start in range(0, query.shape[0], chunk_size):
         stop = start + chunk_size
         scores = _chunk_scores(query[start:stop], collection,
@@ -248,8 +258,7 @@ def average_precisions(query, query_labels, collection, collection_labels, *, co
             rows = (ex >= 0).nonzero(as_tuple=True)[0]
             relevant[rows, ex[rows]] = False
             _mask_excluded(scores, exclude, start)
-        aps.append(_ap_from_scores(scores, relevant))
-    return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
+        yield scores, relevant
 
 
 def retrieval_map(query, query_labels, collection, collection_labels, *, collection_coarse=None,

@@ -20,12 +20,11 @@ from grafit_core.memory import shard_bounds
 from grafit_core.metrics import (
     _ap_from_counts,
     _check_exclude,
-    _chunk_scores,
-    _coarse_logits,
     _count_at_or_above,
     _mask_excluded,
     _normalise,
     _pack_relevant,
+    _scored_chunks,
     _vote,
     knn_top1,
 )
@@ -196,29 +195,11 @@ def sharded_average_precisions(query, query_labels, shard, shard_labels, offset,
     shard_coarse / query_coarse_probs: eq. 5 conditioning (both or neither).
     exclude: optional (Q,) GLOBAL collection row to leave out per query (-1 = none).
     """
-    if (shard_coarse is None) != (query_coarse_probs is None):
-        raise ValueError("give both shard_coarse and query_coarse_probs, or neither")
-    dev, n_local = query.device, shard.shape[0]
-    n_total = _global_size(n_local, offset, ctx, dev)
-    query, shard = _normalise(query), _normalise(shard).to(dev)
-    query_labels, shard_labels = query_labels.to(dev), shard_labels.to(dev)
+    n_local = shard.shape[0]
+    n_total = _global_size(n_local, offset, ctx, query.device)
     local_ex = _localise(_check_exclude(exclude, query.shape[0], n_total), offset, n_local)
-    logits = None
-    if query_coarse_probs is not None:
-        logits = _coarse_logits(query_coarse_probs.to(dev))
-        shard_coarse = shard_coarse.to(dev).long()
-    aps = []
-    for start in range(0, query.shape[0], chunk_size):
-        stop = start + chunk_size
-        scores = _chunk_scores(query[start:stop], shard,
-                               None if logits is None else logits[start:stop], shard_coarse)
-        relevant = query_labels[start:stop].unsqueeze(1) == shard_labels.unsqueeze(0)
-        if local_ex is not None:
-            ex = local_ex[start:stop].to(dev)
-            rows = (ex >= 0).nonzero(as_tuple=True)[0]
-            relevant[rows, ex[rows]] = False
-            _mask_excluded(scores, local_ex, start)
-        aps.append(_sharded_chunk_ap(scores, relevant, ctx))
+    aps = [_sharded_chunk_ap(scores, relevant, ctx) for scores, relevant in _scored_chunks(
+        query, query_labels, shard, shard_labels, shard_coarse, query_coarse_probs, local_ex, chunk_size)]
     return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
 
 
