@@ -40,6 +40,7 @@ class ModelConfig:
     projector: Optional[str] = None           # mlp | linear | none; default from the method
     embed_dim: int = 128                      # d: size of g(x) and of memory rows
     hidden_dim: int = 1024                    # hidden width of projector / predictor MLPs
+    sync_bn: bool = False                     # SyncBatchNorm across workers (GPU runs only)
 
 
 @dataclass

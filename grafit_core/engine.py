@@ -163,6 +163,11 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
     torch.manual_seed(cfg.seed)                                # identical init on every rank
     method = method_cls(cfg, channels, int(labels.max()) + 1).to(ctx.device)
     if ctx.distributed:
+        if cfg.model.sync_bn:
+            if ctx.device.type != "cuda":        # PyTorch's SyncBatchNorm refuses CPU tensors
+                raise ValueError("model.sync_bn needs GPU workers (--gpus-per-worker); BatchNorm "
+                                 "statistics stay per worker on CPU, as in standard DDP")
+            method.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.net)
         method.set_ddp(DistributedDataParallel(method.net, device_ids=None if ctx.device.type == "cpu"
                                                else [ctx.device]))
     train_tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=True)

@@ -110,6 +110,9 @@ def cmd_train(args) -> int:
     if cfg.optim.batch_size % args.workers:
         raise GrafitError(f"{args.config}: optim.batch_size: {cfg.optim.batch_size} (the global batch) "
                           f"must be divisible by --workers {args.workers}")
+    if cfg.model.sync_bn and args.gpus_per_worker <= 0:
+        raise GrafitError(f"{args.config}: model.sync_bn: SyncBatchNorm needs GPU workers "
+                          f"(--gpus-per-worker > 0); on CPU BatchNorm statistics stay per worker")
     train, _ = prepare_data(cfg.data)          # data errors surface before any cluster resource
     levels = check_against_data(cfg, train)
     from orchestrator.train import run_training

@@ -1,0 +1,100 @@
+"""Checkpoints: resuming is bitwise the uninterrupted run; memory files reshard to another worker count."""
+import os
+
+import pytest
+import torch
+
+from grafit_core import checkpoint
+from grafit_core.config import config_from_dict
+from grafit_core.data import prepare_data
+from grafit_core.distributed import DistContext
+from grafit_core.engine import fit
+from grafit_core.memory import MemoryBank, shard_bounds
+from gloo import run_gloo
+
+torch.set_num_threads(1)
+JOB = {"seed": 5,
+       "data": {"name": "synthetic", "train_level": "l1", "augment": "characters", "image_size": 16,
+                "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
+       "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
+       "optim": {"epochs": 3, "batch_size": 16},
+       "eval": {"val_size": 20, "k_candidates": [3, 5]}}
+
+
+def saving(root):
+    def on_epoch(epoch, stats, save):
+        save(os.path.join(root, f"epoch{epoch}"))
+    return on_epoch
+
+
+def test_resume_from_any_epoch_is_bitwise_the_uninterrupted_run(tmp_path):
+    cfg = config_from_dict(JOB)
+    train, query = prepare_data(cfg.data)
+    full = fit(cfg, train, query, on_epoch=saving(str(tmp_path)), log=lambda s: None)
+    for epoch in (1, 2):
+        resumed = fit(cfg, train, query, resume_from=str(tmp_path / f"epoch{epoch}"), log=lambda s: None)
+        assert resumed.metrics == full.metrics
+        assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+        a, b = full.method.state_dict(), resumed.method.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    files = sorted(os.listdir(tmp_path / "epoch3"))
+    assert files == ["memory_000000000000_000000000072.pt", "rng_rank0.pt", "train_state.pt"]
+    state = torch.load(tmp_path / "epoch3" / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 3 and any(k.startswith("target.") for k in state["method"])
+
+
+def sharded_run(ctx, job, root):
+    cfg = config_from_dict(job)
+    train, query = prepare_data(cfg.data)
+    rows = {}
+
+    def on_epoch(epoch, stats, save):
+        save(root)                             # every rank writes its part into one directory
+    fit(cfg, train, query, ctx, on_epoch=on_epoch, log=lambda s: None)
+    part = torch.load(os.path.join(root, "memory_{:012d}_{:012d}.pt".format(
+        *shard_bounds(len(train), ctx.world_size, ctx.rank))), weights_only=True)
+    rows[ctx.rank] = part["bank"]
+    return rows
+
+
+def test_memory_written_by_two_workers_reshards_to_one_and_three(tmp_path):
+    job = {**JOB, "optim": {"epochs": 1, "batch_size": 16}}
+    parts = run_gloo(sharded_run, 2, job, str(tmp_path))
+    full_bank = torch.cat([parts[0][0], parts[1][1]])
+    assert full_bank.shape == (72, 16)
+    for world in (1, 3):
+        for rank in range(world):
+            lo, hi = shard_bounds(72, world, rank)
+            memory = MemoryBank(torch.zeros(hi - lo, dtype=torch.long), 16, offset=lo)
+            for start, stop, path in checkpoint.memory_files(str(tmp_path)):
+                a, b = max(lo, start), min(hi, stop)
+                if a < b:
+                    memory.bank[a - lo:b - lo] = torch.load(path, weights_only=True)["bank"][a - start:b - start]
+            assert torch.equal(memory.bank, full_bank[lo:hi])
+
+
+def test_load_refuses_a_checkpoint_missing_rows(tmp_path):
+    cfg = config_from_dict({**JOB, "optim": {"epochs": 1, "batch_size": 16}})
+    train, query = prepare_data(cfg.data)
+    fit(cfg, train, query, on_epoch=saving(str(tmp_path)), log=lambda s: None)
+    os.remove(tmp_path / "epoch1" / "memory_000000000000_000000000072.pt")
+    with pytest.raises(FileNotFoundError, match=r"memory rows \[0, 72\)"):
+        fit(cfg, train, query, resume_from=str(tmp_path / "epoch1"), log=lambda s: None)
+
+
+def test_checkpoint_files_are_written_atomically(tmp_path, monkeypatch):
+    good = tmp_path / "x.pt"
+    checkpoint.atomic_save({"v": torch.ones(2)}, str(good))
+
+    def dies(obj, path):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"v": torch.zeros(2)}, str(good))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(good, weights_only=True)["v"], torch.ones(2))
+
+
+def test_distributed_context_defaults_to_one_process():
+    assert DistContext().world_size == 1 and DistContext().is_main
