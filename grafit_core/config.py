@@ -78,6 +78,31 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A search over training parameters (Ray Tune) plus a grid of evaluation-only values that
+    every trial evaluates from its one set of embeddings (they never retrain)."""
+    space: dict = field(default_factory=dict)      # "method.sigma": {grid|choice: [...]} | {uniform|loguniform: [lo, hi]}
+    eval_grid: dict = field(default_factory=dict)  # "eval.k": [auto, 10, 20], "eval.sigma": [0.05, 0.1]
+    metric: Optional[str] = None              # ASHA's metric; default online_knn_top1/<finest test level>
+    mode: str = "max"
+    scheduler: str = "asha"                   # asha | fifo
+    grace_period: int = 1                     # ASHA: epochs before a trial can be stopped
+    search: str = "random"                    # random: Tune's grid + random variant generator
+    num_samples: int = 1                      # repeats of the grid (random draws for distributions)
+    max_concurrent: int = 1
+    workers: int = 1                          # Ray Train workers per trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class TrackingConfig:
+    experiment: Optional[str] = None          # MLflow experiment; default: the job's name
+    embeddings_max_mb: float = 256.0          # log the collection's embeddings as Parquet up to this size
+    log_checkpoint: bool = True               # log the final checkpoint as an artifact
+
+
+@dataclass
 class Config:
     name: str = "grafit"
     seed: int = 0
@@ -86,6 +111,8 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source: Optional[str] = None              # the file it was read from (set by load_config)
 
     @property
@@ -229,11 +256,90 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
         node[last] = value
     cfg = from_dict(Config, data, "", path)
     cfg.source = path
+    check_sweep(cfg)
     if cfg.data.root is not None:
         root = os.path.expanduser(os.path.expandvars(cfg.data.root))
         cfg.data.root = root if os.path.isabs(root) else os.path.normpath(
             os.path.join(os.path.dirname(os.path.abspath(path)), root))
     return validate(cfg)
+
+
+# ====== sweeps ======
+EVAL_ONLY = ("eval.k", "eval.sigma", "eval.k_candidates")   # change nothing in training
+NOT_SWEPT = ("name", "source", "sweep", "tracking", "data.test_levels", "data.name", "data.root")
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+def with_overrides(cfg: Config, overrides: dict) -> Config:
+    """A copy of cfg with dotted keys replaced, validated like a file (errors name the key)."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    out = config_from_dict(data, cfg.source or "<config>")
+    return out
+
+
+def _field_exists(dotted: str) -> bool:
+    cls = Config
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return not dataclasses.is_dataclass(cls)
+
+
+def check_sweep(cfg: Config) -> None:
+    """Every swept value must make a valid config; eval-only keys belong in eval_grid."""
+    src, sw = cfg.source or "<config>", cfg.sweep
+
+    def bad(key, msg):
+        raise ConfigError(f"{src}: {key}: {msg}")
+
+    for key, spec in sw.space.items():
+        where = f"sweep.space.{key}"
+        if key in EVAL_ONLY:
+            bad(where, "evaluation-only (changes nothing in training): put it in sweep.eval_grid")
+        if key.split(".")[0] in NOT_SWEPT or key in NOT_SWEPT or not _field_exists(key):
+            bad(where, "not a parameter that can be swept")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            bad(where, f"expected one of {{{', '.join(k + ': ...' for k in SPACE_KINDS)}}}, got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(values, list) or not values:
+                bad(f"{where}.{kind}", "expected a non-empty list of values")
+        elif (not isinstance(values, list) or len(values) != 2
+              or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+              or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0)):
+            bad(f"{where}.{kind}", f"expected [low, high] with low < high{' and low > 0' if kind == 'loguniform' else ''}")
+        for value in values:                     # grid values, or the bounds of a distribution
+            try:
+                with_overrides(cfg, {key: value})
+            except ConfigError as err:
+                bad(f"{where}.{kind}", f"value {value!r}: {str(err).split(': ', 1)[-1]}")
+    for key, values in sw.eval_grid.items():
+        where = f"sweep.eval_grid.{key}"
+        if key not in EVAL_ONLY:
+            bad(where, f"only evaluation-only keys ({', '.join(EVAL_ONLY)}) go here; sweep training keys in sweep.space")
+        if not isinstance(values, list) or not values:
+            bad(where, "expected a non-empty list of values")
+        for value in values:
+            try:
+                with_overrides(cfg, {key: value})
+            except ConfigError as err:
+                bad(where, f"value {value!r}: {str(err).split(': ', 1)[-1]}")
+    for key, value, allowed in (("sweep.scheduler", sw.scheduler, ("asha", "fifo")),
+                                ("sweep.mode", sw.mode, ("max", "min")), ("sweep.search", sw.search, ("random",))):
+        if value not in allowed:
+            bad(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+    for key, value, low in (("sweep.num_samples", sw.num_samples, 1), ("sweep.max_concurrent", sw.max_concurrent, 1),
+                            ("sweep.workers", sw.workers, 1), ("sweep.grace_period", sw.grace_period, 1)):
+        if value < low:
+            bad(key, f"must be >= {low}, got {value}")
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:

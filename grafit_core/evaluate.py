@@ -6,11 +6,13 @@ level on a fixed validation subset of the collection (leave-one-out), never on t
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grafit_core.config import Config
+from grafit_core.config import Config, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.errors import ConfigError, DataError
 from grafit_core.distributed import DistContext
@@ -78,58 +80,81 @@ def gather_memory_rows(shard: torch.Tensor, offset: int, rows: torch.Tensor, ctx
     return ctx.all_reduce_sum(out)
 
 
+def eval_variants(cfg: Config) -> list[tuple[str, Config]]:
+    """(suffix, config) for each combination of sweep.eval_grid values; ("", cfg) without a grid.
+    Suffixes name the values, e.g. "k10_esigma0.1", and are appended to metric keys."""
+    grid = cfg.sweep.eval_grid
+    if not grid:
+        return [("", cfg)]
+    short = {"eval.k": "k", "eval.sigma": "esigma", "eval.k_candidates": "kcand"}
+    out = []
+    for combo in itertools.product(*grid.values()):
+        overrides = dict(zip(grid, combo))
+        suffix = "_".join(f"{short[k]}{'-'.join(map(str, v)) if isinstance(v, list) else v}"
+                          for k, v in overrides.items())
+        out.append((suffix, with_overrides(cfg, overrides)))
+    return out
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, queries: torch.Tensor,
              query: Collection, test_levels: list[str], ctx: DistContext = DistContext(),
              query_logits=None) -> dict[str, float]:
-    """Every metric at every test level from one set of embeddings. `shard` holds the collection's
-    rows [offset, offset + len(shard)) (all of it in one process); queries are replicated."""
-    sigma, level = cfg.eval_sigma, cfg.data.train_level
+    """Every metric at every test level from one set of embeddings, for every evaluation-only
+    variant (sweep.eval_grid). `shard` holds the collection's rows [offset, offset + len(shard))
+    (all of it in one process); queries are replicated. Cosine and oracle mAP depend on no
+    evaluation-only value: they are computed once."""
+    level = cfg.data.train_level
     levels = list(dict.fromkeys(test_levels + ([level] if level != NONE_LEVEL else [])))
     lo, hi = offset, offset + len(shard)
-    full_labels = {lv: torch.as_tensor(train.labels_at(lv)) for lv in levels}
-    bank_labels = {lv: lab[lo:hi] for lv, lab in full_labels.items()}
+    bank_labels = {lv: torch.as_tensor(train.labels_at(lv))[lo:hi] for lv in levels}
     query_labels = {lv: torch.as_tensor(query.labels_at(lv)) for lv in levels}
     nc = {lv: train.num_classes(lv) for lv in levels}
-    metrics: dict[str, float] = {}
+    data = (shard, offset, len(train), bank_labels, query_labels, nc, ctx)
 
-    # ====== k per level: chosen on the validation subset (leave-one-out), or fixed ======
-    if cfg.eval.k == "auto":
-        candidates = [k for k in cfg.eval.k_candidates if k < len(train)] or [len(train) - 1]
-        val_idx = validation_indices(len(train), cfg.eval.val_size)
+    def retrieval(lv, probs=None):
+        return sharded_average_precisions(queries, query_labels[lv], shard, bank_labels[lv], offset, ctx,
+                                          shard_coarse=None if probs is None else bank_labels[level],
+                                          query_coarse_probs=probs)
+
+    metrics: dict[str, float] = {}
+    for lv in test_levels:                                 # ====== cosine and oracle ranking ======
+        ap = retrieval(lv)
+        metrics[f"map_cosine/{lv}"], metrics[f"map_skipped/{lv}"] = _mean(ap), int(torch.isnan(ap).sum())
+        if level != NONE_LEVEL:
+            metrics[f"map_oracle/{lv}"] = _mean(retrieval(lv, F.one_hot(query_labels[level], nc[level]).float()))
+    for suffix, vcfg in eval_variants(cfg):
+        part = _knn_and_conditioned(vcfg, queries, query_logits, test_levels, levels, data, retrieval)
+        metrics.update({f"{k}/{suffix}" if suffix else k: v for k, v in part.items()})
+    return metrics
+
+
+def _knn_and_conditioned(cfg, queries, query_logits, test_levels, levels, data, retrieval) -> dict:
+    """The metrics that depend on k and the voting sigma: kNN top-1 (eq. 6) and conditioned mAP (eq. 5)."""
+    shard, offset, n, bank_labels, query_labels, nc, ctx = data
+    sigma, level = cfg.eval_sigma, cfg.data.train_level
+    if cfg.eval.k == "auto":          # ====== k per level, leave-one-out on the validation subset ======
+        candidates = [k for k in cfg.eval.k_candidates if k < n] or [n - 1]
+        val_idx = validation_indices(n, cfg.eval.val_size)
         chosen = {lv: best for lv, (best, _) in
                   sharded_choose_k(shard, bank_labels, offset, val_idx, candidates, sigma, nc, ctx).items()}
     else:
         chosen = {lv: cfg.eval.k for lv in levels}
-
-    # ====== on-the-fly classification (eq. 6) ======
     preds = sharded_knn_predict_multi(queries, shard, bank_labels, offset, sorted(set(chosen.values())),
                                       sigma, nc, ctx)
+    out = {}
     for lv in test_levels:
-        metrics[f"k/{lv}"] = chosen[lv]
-        metrics[f"knn_top1/{lv}"] = float((preds[(lv, chosen[lv])].cpu() == query_labels[lv]).float().mean())
-
-    # ====== p_c for conditioned ranking: the head's softmax (CE) or eq. 6 with coarse labels ======
-    coarse_probs = {}
-    if level != NONE_LEVEL:
-        if query_logits is not None:
-            coarse_probs["cond"] = F.softmax(query_logits.float(), dim=1)
-        else:
-            coarse_probs["cond"] = sharded_knn_classify(queries, shard, bank_labels[level], offset,
-                                                        chosen[level], sigma, nc[level], ctx)
-        coarse_probs["oracle"] = F.one_hot(query_labels[level], nc[level]).float()
-        metrics[f"coarse_top1/{level}"] = float((coarse_probs["cond"].argmax(1).cpu() == query_labels[level]).float().mean())
-
-    # ====== category-level retrieval (§3.2): cosine, conditioned, oracle ======
+        out[f"k/{lv}"] = chosen[lv]
+        out[f"knn_top1/{lv}"] = float((preds[(lv, chosen[lv])].cpu() == query_labels[lv]).float().mean())
+    if level == NONE_LEVEL:
+        return out
+    # p_c: the head's softmax (CE) or eq. 6 with the training-level labels over the memory
+    probs = (F.softmax(query_logits.float(), dim=1) if query_logits is not None else
+             sharded_knn_classify(queries, shard, bank_labels[level], offset, chosen[level], sigma, nc[level], ctx))
+    out[f"coarse_top1/{level}"] = float((probs.argmax(1).cpu() == query_labels[level]).float().mean())
     for lv in test_levels:
-        ap = sharded_average_precisions(queries, query_labels[lv], shard, bank_labels[lv], offset, ctx)
-        metrics[f"map_cosine/{lv}"] = _mean(ap)
-        metrics[f"map_skipped/{lv}"] = int(torch.isnan(ap).sum())
-        for name, probs in coarse_probs.items():
-            ap = sharded_average_precisions(queries, query_labels[lv], shard, bank_labels[lv], offset, ctx,
-                                            shard_coarse=bank_labels[level], query_coarse_probs=probs)
-            metrics[f"map_{name}/{lv}"] = _mean(ap)
-    return metrics
+        out[f"map_cond/{lv}"] = _mean(retrieval(lv, probs))
+    return out
 
 
 def _mean(ap: torch.Tensor) -> float:

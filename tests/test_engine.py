@@ -130,3 +130,23 @@ def test_dataset_dependent_errors_name_the_key(synthetic, section, values, key):
     train, query = synthetic
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         fit(small_cfg(**{section: values}), train, query, log=lambda s: None)
+
+
+def test_eval_grid_evaluates_every_value_from_one_training(synthetic, monkeypatch):
+    """k and the voting sigma are evaluation-only: one training, one metric set per value,
+    each equal to a run configured with that value alone."""
+    import grafit_core.engine as engine
+    train, query = synthetic
+    fits = []
+    real = engine.train_method
+    monkeypatch.setattr(engine, "train_method", lambda *a, **k: fits.append(1) or real(*a, **k))
+    grid = config_from_dict({**SMALL, "sweep": {"eval_grid": {"eval.k": [3, 5, "auto"], "eval.sigma": [0.05, 0.5]}}})
+    res = fit(grid, train, query, log=lambda s: None)
+    assert len(fits) == 1
+    for k, sigma in [(3, 0.05), (5, 0.5), ("auto", 0.5)]:
+        alone = fit(small_cfg(eval={"k": k, "sigma": sigma}), train, query, log=lambda s: None).metrics
+        suffix = f"k{k}_esigma{sigma}"
+        for key in ("knn_top1/l2", "map_cond/l1", "k/l1", "coarse_top1/l0"):
+            assert res.metrics[f"{key}/{suffix}"] == alone[key], (key, suffix)
+        assert res.metrics["map_cosine/l2"] == alone["map_cosine/l2"]
+    assert len(fits) == 4
