@@ -34,6 +34,8 @@ class FitResult:
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)   # one dict per epoch
     skipped: Optional[str] = None                  # why nothing was trained (e.g. level `none`)
+    embeddings: Optional[torch.Tensor] = None      # final g(x) of this rank's collection rows
+    offset: int = 0                                # global index of embeddings[0]
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -244,4 +246,4 @@ def fit(cfg: Config, train: Collection, query: Collection, ctx: DistContext = Di
     queries = gather_rows(queries, len(query), ctx)
     query_logits = gather_rows(query_logits, len(query), ctx)
     metrics = evaluate(cfg, shard, memory.offset, train, queries, query, test_levels, ctx, query_logits)
-    return FitResult(method, metrics, history)
+    return FitResult(method, metrics, history, embeddings=shard, offset=memory.offset)

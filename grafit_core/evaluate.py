@@ -81,13 +81,11 @@ def gather_memory_rows(shard: torch.Tensor, offset: int, rows: torch.Tensor, ctx
 
 
 def eval_variants(cfg: Config) -> list[tuple[str, Config]]:
-    """(suffix, config) for each combination of sweep.eval_grid values; ("", cfg) without a grid.
+    """("", cfg), then (suffix, config) for each combination of sweep.eval_grid values.
     Suffixes name the values, e.g. "k10_esigma0.1", and are appended to metric keys."""
     grid = cfg.sweep.eval_grid
-    if not grid:
-        return [("", cfg)]
     short = {"eval.k": "k", "eval.sigma": "esigma", "eval.k_candidates": "kcand"}
-    out = []
+    out = [("", cfg)]                          # the config's own values, unsuffixed
     for combo in itertools.product(*grid.values()):
         overrides = dict(zip(grid, combo))
         suffix = "_".join(f"{short[k]}{'-'.join(map(str, v)) if isinstance(v, list) else v}"

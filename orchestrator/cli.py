@@ -2,6 +2,8 @@
 
     grafit local jobs/omniglot.yaml --methods grafit,ce     # one process, no Ray, no MLflow
     grafit train jobs/omniglot.yaml --workers 2             # Ray Train, memory sharded per worker
+    grafit sweep jobs/sweeps/omniglot_sigma_tau.yaml        # Ray Tune over Train, MLflow parent/child runs
+    grafit ui                                               # the MLflow UI on 127.0.0.1
 """
 from __future__ import annotations
 
@@ -89,7 +91,9 @@ def connect_ray(address: str | None, num_cpus: int | None):
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        # the dashboard hosts the state API that Ray Train's PlacementGroupCleaner needs to free
+        # the workers of a trial that Tune stops early; bind it to this machine only
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def print_levels(metrics: dict, levels: list[str]) -> None:
@@ -113,13 +117,17 @@ def cmd_train(args) -> int:
     if cfg.model.sync_bn and args.gpus_per_worker <= 0:
         raise GrafitError(f"{args.config}: model.sync_bn: SyncBatchNorm needs GPU workers "
                           f"(--gpus-per-worker > 0); on CPU BatchNorm statistics stay per worker")
-    train, _ = prepare_data(cfg.data)          # data errors surface before any cluster resource
+    train, query = prepare_data(cfg.data)      # data errors surface before any cluster resource
     levels = check_against_data(cfg, train)
-    from orchestrator.train import run_training
+    from orchestrator import tracking
+    from orchestrator.train import tracked_training
+    fingerprint = tracking.dataset_fingerprint(train, query)
     connect_ray(args.ray_address, args.num_cpus)
-    result = run_training(cfg, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                          gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
-                          name=args.name, max_failures=args.max_failures)
+    uri = tracking.tracking_uri()
+    result = tracked_training(cfg, uri=uri, run_name=args.name or cfg.name, fingerprint=fingerprint,
+                              workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                              gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
+                              name=args.name, max_failures=args.max_failures)
     if result.error:
         print(f"grafit: training failed: {result.error}", file=sys.stderr)
         return 1
@@ -131,7 +139,64 @@ def cmd_train(args) -> int:
     else:
         print_levels(final["metrics"], levels)
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
+    print(f"MLflow run {result.run_id} in {uri}; compare runs with: grafit ui")
     return 0
+
+
+def check_sweep_against_data(cfg, train) -> None:
+    """Every swept training level and k must exist for this dataset (errors name the sweep key)."""
+    from grafit_core.config import with_overrides
+    from grafit_core.errors import ConfigError
+    from grafit_core.evaluate import check_against_data
+    src = cfg.source or "<config>"
+    values = [(f"sweep.space.{k}", k, v) for k, spec in cfg.sweep.space.items()
+              for kind, vals in spec.items() if kind in ("grid", "choice") for v in vals]
+    values += [(f"sweep.eval_grid.{k}", k, v) for k, vals in cfg.sweep.eval_grid.items() for v in vals]
+    for where, key, value in values:
+        try:
+            check_against_data(with_overrides(cfg, {key: value}), train)
+        except ConfigError as err:
+            raise ConfigError(f"{src}: {where}: value {value!r}: {str(err).split(': ', 2)[-1]}") from None
+
+
+def cmd_sweep(args) -> int:
+    """Validate the sweep against its data, run it on Ray Tune, print the trials."""
+    from grafit_core.config import load_config
+    from grafit_core.data import prepare_data
+    from grafit_core.evaluate import check_against_data
+    from orchestrator import sweep, tracking
+
+    cfg = load_config(args.config, parse_set(args.set))
+    if not cfg.sweep.space:
+        raise GrafitError(f"{args.config}: sweep.space: empty; a sweep needs at least one training parameter "
+                          f"(use grafit train for a single run)")
+    train, query = prepare_data(cfg.data)
+    levels = check_against_data(cfg, train)
+    check_sweep_against_data(cfg, train)
+    cfg.sweep.metric = cfg.sweep.metric or f"online_knn_top1/{levels[-1]}"
+    fingerprint = tracking.dataset_fingerprint(train, query)
+    connect_ray(args.ray_address, args.num_cpus)
+    grid, parent = sweep.run_sweep(cfg, fingerprint=fingerprint, storage_path=args.storage_path,
+                                   max_failures=args.max_failures)
+    params = list(cfg.sweep.space)
+    keys = [f"{m}/{lv}" for lv in levels for m in ("knn_top1", "map_cosine", "map_cond")]
+    rows = sweep.trial_table(grid, params, keys)
+    print(f"\n== sweep {cfg.name}: {len(rows)} trials, {grid.num_errors} failed ==")
+    print(format_table(rows, ["trial", "status", *params, *keys]))
+    if "seed" in params:
+        print("\n== mean ± std over seeds ==")
+        print(format_table(sweep.over_seeds(rows, params, keys), [p for p in params if p != "seed"] + ["seeds", *keys]))
+    print(f"\nMLflow parent run {parent} in {tracking.tracking_uri()}; compare the trials with: grafit ui")
+    return 0 if grid.num_errors < len(rows) else 1
+
+
+def cmd_ui(args) -> int:
+    """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
+    from orchestrator import tracking
+    uri = args.backend_store_uri or tracking.tracking_uri()
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker-group restarts from the latest checkpoint before giving up (default 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a sweep (Ray Tune over Ray Train) tracked in MLflow")
+    p.add_argument("config", help="sweep YAML, e.g. jobs/sweeps/omniglot_sigma_tau.yaml")
+    p.add_argument("--ray-address", default=None, help="cluster address for ray.init; default RAY_ADDRESS or a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--storage-path", default="runs/tune", help="Tune and trial checkpoints (default runs/tune)")
+    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts per trial (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("ui", help="start the MLflow UI (bound to 127.0.0.1 unless --host says otherwise)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--backend-store-uri", default=None,
+                   help="tracking store (default MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

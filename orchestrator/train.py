@@ -18,6 +18,7 @@ import torch
 
 from grafit_core.config import Config, config_from_dict, to_dict
 from grafit_core.errors import GrafitError
+from orchestrator import tracking
 
 # Test hook: "EPOCH:STEP:RANK:MARKER" makes that rank SIGKILL itself at that step of that epoch
 # (1-based epoch), once: the marker file records that it happened (a real process death).
@@ -59,7 +60,11 @@ def train_loop(loop_config: dict) -> dict:
         resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
         restored.to_directory(resume_dir)
 
+    run = loop_config.get("mlflow")             # {"uri", "run_id", "max_mb"}: log into this run
+
     def on_epoch(epoch, stats, save):
+        if run and ctx.is_main:                  # per-epoch metrics from rank 0 only
+            tracking.log_metrics(run["uri"], run["run_id"], stats, step=epoch)
         with tempfile.TemporaryDirectory() as tmp:
             save(tmp)
             ray.train.report(dict(stats), checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -69,6 +74,14 @@ def train_loop(loop_config: dict) -> dict:
 
     log = print if ctx.is_main else (lambda s: None)
     result = fit(cfg, train, query, ctx, on_epoch=on_epoch, log=log, resume_from=resume_dir, on_step=on_step)
+    if run and not result.skipped:
+        if ctx.is_main:
+            tracking.log_metrics(run["uri"], run["run_id"], result.metrics, step=cfg.optim.epochs)
+            tracking.log_dict(run["uri"], run["run_id"], {"metrics": result.metrics, "history": result.history},
+                              "metrics.json")
+        start, stop = result.offset, result.offset + len(result.embeddings)
+        tracking.log_embeddings(run["uri"], run["run_id"], result.embeddings, result.offset, train,
+                                run["max_mb"], f"part-{start:012d}-{stop:012d}")
     # Ray keeps the metrics of the last *checkpointed* report; the final metrics travel as the
     # return value of rank 0 (Result.return_value), identical on every rank anyway.
     return {"metrics": result.metrics, "history": result.history, "skipped": result.skipped}
@@ -89,7 +102,7 @@ def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float
 
 def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  storage_path: str = "runs/ray", name: str | None = None, max_failures: int = 1,
-                 threads: int | None = None):
+                 threads: int | None = None, mlflow_run: dict | None = None, callbacks: list | None = None):
     """Fit cfg on the connected Ray cluster; returns Ray's Result (metrics, checkpoint, history)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -101,14 +114,33 @@ def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpu
         train_loop,
         train_loop_config={"config": to_dict(cfg), "source": cfg.source or "<config>",
                            "threads": threads or max(1, int(cpus_per_worker)),
-                           "kill": os.environ.get(KILL_ENV)},
+                           "kill": os.environ.get(KILL_ENV), "mlflow": mlflow_run},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=os.path.abspath(storage_path), name=name or cfg.name,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
     start = time.time()
     result = trainer.fit()
     result.wall_s = time.time() - start
     return result
+
+
+def tracked_training(cfg: Config, *, uri: str, run_name: str, fingerprint: str, parent_run_id: str | None = None,
+                     **kwargs):
+    """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error."""
+    experiment = cfg.tracking.experiment or cfg.name
+    run_id = tracking.start_run(uri, experiment, run_name, to_dict(cfg), tracking.provenance(fingerprint),
+                                parent_run_id)
+    ok = False
+    try:
+        result = run_training(cfg, mlflow_run={"uri": uri, "run_id": run_id, "max_mb": cfg.tracking.embeddings_max_mb},
+                              **kwargs)
+        if result.error is None and cfg.tracking.log_checkpoint and result.checkpoint is not None:
+            tracking.client(uri).log_artifacts(run_id, result.checkpoint.path, "checkpoint")
+        ok = result.error is None
+        result.run_id = run_id
+        return result
+    finally:
+        tracking.end_run(uri, run_id, ok)

@@ -1,0 +1,132 @@
+"""MLflow tracking: runs, params, per-epoch and final metrics, artifacts, provenance.
+
+The driver (a `grafit train` or one Tune trial) creates the run and always closes it
+(FINISHED or FAILED, never left RUNNING); rank 0 of the Train workers logs into it by id.
+The default store is `sqlite:///<cwd>/mlflow.db` (MLflow 3 refuses the ./mlruns file store),
+or MLFLOW_TRACKING_URI.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("torch", "torchvision", "numpy", "ray", "mlflow", "grafit-ray")
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"method": {"sigma": 0.05}} -> {"method.sigma": "0.05"} (MLflow params are strings)."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def provenance(dataset_fingerprint: str) -> dict:
+    """Tags that say what produced a run: code version, packages, data."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    tags = {"git.commit": git("rev-parse", "HEAD") or "unknown",
+            "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
+            "dataset.fingerprint": dataset_fingerprint}
+    for pkg in PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def dataset_fingerprint(*collections) -> str:
+    """sha256 over each collection's file list and sizes (file datasets) or pixels (in memory)."""
+    h = hashlib.sha256()
+    for coll in collections:
+        paths = getattr(coll, "paths", None)
+        if paths is not None:
+            for p in paths:
+                h.update(f"{p}\0{os.path.getsize(p)}\n".encode())
+        else:
+            h.update(coll.images.numpy().tobytes() if hasattr(coll, "images") else coll.name.encode())
+        for level in sorted(coll.labels):
+            h.update(coll.labels[level].tobytes())
+    return h.hexdigest()[:16]
+
+
+def start_run(uri: str, experiment: str, run_name: str, cfg_dict: dict, tags: dict,
+              parent_run_id: str | None = None) -> str:
+    """Create a RUNNING run with the flattened config as params; returns its id."""
+    c = client(uri)
+    tags = dict(tags)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
+    params = flatten(cfg_dict)
+    from mlflow.entities import Param
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
+    from mlflow.entities import Metric
+    import time
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v]
+    c = client(uri)
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def log_dict(uri: str, run_id: str, data: dict, name: str) -> None:
+    client(uri).log_dict(run_id, data, name)
+
+
+def log_embeddings(uri: str, run_id: str, shard, offset: int, train, max_mb: float, part: str) -> bool:
+    """The collection's embeddings as Parquet with the labels at every level, one row per item;
+    each rank writes the rows it owns as one part file. Skipped above max_mb (whole collection)."""
+    if len(train) * shard.shape[1] * 4 / 2**20 > max_mb:
+        return False
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    columns = {"index": pa.array(range(offset, offset + len(shard)), pa.int64()),
+               "embedding": pa.array(shard.cpu().numpy().tolist(), pa.list_(pa.float32()))}
+    for level in train.hierarchy.levels:
+        columns[f"label_{level}"] = pa.array(train.labels_at(level)[offset:offset + len(shard)], pa.int64())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{part}.parquet")
+        pq.write_table(pa.table(columns), path)
+        client(uri).log_artifact(run_id, path, "embeddings")
+    return True
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
