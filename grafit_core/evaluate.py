@@ -121,14 +121,16 @@ def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, q
         metrics[f"map_cosine/{lv}"], metrics[f"map_skipped/{lv}"] = _mean(ap), int(torch.isnan(ap).sum())
         if level != NONE_LEVEL:
             metrics[f"map_oracle/{lv}"] = _mean(retrieval(lv, F.one_hot(query_labels[level], nc[level]).float()))
+    cond_cache: dict = {}                                  # p_c inputs -> conditioned metrics
     for suffix, vcfg in eval_variants(cfg):
-        part = _knn_and_conditioned(vcfg, queries, query_logits, test_levels, levels, data, retrieval)
+        part = _knn_and_conditioned(vcfg, queries, query_logits, test_levels, levels, data, retrieval, cond_cache)
         metrics.update({f"{k}/{suffix}" if suffix else k: v for k, v in part.items()})
     return metrics
 
 
-def _knn_and_conditioned(cfg, queries, query_logits, test_levels, levels, data, retrieval) -> dict:
-    """The metrics that depend on k and the voting sigma: kNN top-1 (eq. 6) and conditioned mAP (eq. 5)."""
+def _knn_and_conditioned(cfg, queries, query_logits, test_levels, levels, data, retrieval, cond_cache) -> dict:
+    """The metrics that depend on k and the voting sigma: kNN top-1 (eq. 6) and conditioned mAP (eq. 5).
+    Conditioned mAP depends only on p_c: variants sharing its inputs share its computation."""
     shard, offset, n, bank_labels, query_labels, nc, ctx = data
     sigma, level = cfg.eval_sigma, cfg.data.train_level
     if cfg.eval.k == "auto":          # ====== k per level, leave-one-out on the validation subset ======
@@ -146,13 +148,15 @@ def _knn_and_conditioned(cfg, queries, query_logits, test_levels, levels, data, 
         out[f"knn_top1/{lv}"] = float((preds[(lv, chosen[lv])].cpu() == query_labels[lv]).float().mean())
     if level == NONE_LEVEL:
         return out
-    # p_c: the head's softmax (CE) or eq. 6 with the training-level labels over the memory
-    probs = (F.softmax(query_logits.float(), dim=1) if query_logits is not None else
-             sharded_knn_classify(queries, shard, bank_labels[level], offset, chosen[level], sigma, nc[level], ctx))
-    out[f"coarse_top1/{level}"] = float((probs.argmax(1).cpu() == query_labels[level]).float().mean())
-    for lv in test_levels:
-        out[f"map_cond/{lv}"] = _mean(retrieval(lv, probs))
-    return out
+    key = "head" if query_logits is not None else (chosen[level], sigma)
+    if key not in cond_cache:
+        # p_c: the head's softmax (CE) or eq. 6 with the training-level labels over the memory
+        probs = (F.softmax(query_logits.float(), dim=1) if query_logits is not None else
+                 sharded_knn_classify(queries, shard, bank_labels[level], offset, chosen[level], sigma, nc[level], ctx))
+        cond = {f"coarse_top1/{level}": float((probs.argmax(1).cpu() == query_labels[level]).float().mean())}
+        cond.update({f"map_cond/{lv}": _mean(retrieval(lv, probs)) for lv in test_levels})
+        cond_cache[key] = cond
+    return {**out, **cond_cache[key]}
 
 
 def _mean(ap: torch.Tensor) -> float:
