@@ -18,7 +18,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/grafit local jobs/omniglot.yaml --methods grafit,ce --output runs/omniglot.json
+	$(BIN)/grafit matrix jobs/matrix/omniglot.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

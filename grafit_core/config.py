@@ -96,6 +96,13 @@ class SweepConfig:
 
 
 @dataclass
+class MatrixConfig:
+    """Coarse-to-fine matrices (paper Tables 3-4): train each method at each level, test at every level."""
+    methods: list[str] = field(default_factory=list)       # default: [method.name]
+    train_levels: list[str] = field(default_factory=list)  # default: none + every level of the dataset
+
+
+@dataclass
 class TrackingConfig:
     experiment: Optional[str] = None          # MLflow experiment; default: the job's name
     embeddings_max_mb: float = 256.0          # log the collection's embeddings as Parquet up to this size
@@ -112,6 +119,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    matrix: MatrixConfig = field(default_factory=MatrixConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source: Optional[str] = None              # the file it was read from (set by load_config)
 
@@ -266,7 +274,7 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
 
 # ====== sweeps ======
 EVAL_ONLY = ("eval.k", "eval.sigma", "eval.k_candidates")   # change nothing in training
-NOT_SWEPT = ("name", "source", "sweep", "tracking", "data.test_levels", "data.name", "data.root")
+NOT_SWEPT = ("name", "source", "sweep", "matrix", "tracking", "data.test_levels", "data.name", "data.root")
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 
 

@@ -3,6 +3,7 @@
     grafit local jobs/omniglot.yaml --methods grafit,ce     # one process, no Ray, no MLflow
     grafit train jobs/omniglot.yaml --workers 2             # Ray Train, memory sharded per worker
     grafit sweep jobs/sweeps/omniglot_sigma_tau.yaml        # Ray Tune over Train, MLflow parent/child runs
+    grafit matrix jobs/matrix/omniglot.yaml                 # coarse-to-fine matrices, heatmaps in MLflow
     grafit ui                                               # the MLflow UI on 127.0.0.1
 """
 from __future__ import annotations
@@ -81,6 +82,12 @@ def cmd_local(args) -> int:
     return 0
 
 
+def check_batch(cfg, workers: int, flag: str) -> None:
+    if cfg.optim.batch_size % workers:
+        raise GrafitError(f"{cfg.source}: optim.batch_size: {cfg.optim.batch_size} (the global batch) "
+                          f"must be divisible by {flag} {workers}")
+
+
 def connect_ray(address: str | None, num_cpus: int | None):
     """Connect to the cluster at --ray-address / RAY_ADDRESS, else start a local Ray."""
     import ray
@@ -111,9 +118,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, parse_set(args.set))
     get_method(cfg.method.name)
-    if cfg.optim.batch_size % args.workers:
-        raise GrafitError(f"{args.config}: optim.batch_size: {cfg.optim.batch_size} (the global batch) "
-                          f"must be divisible by --workers {args.workers}")
+    check_batch(cfg, args.workers, "--workers")
     if cfg.model.sync_bn and args.gpus_per_worker <= 0:
         raise GrafitError(f"{args.config}: model.sync_bn: SyncBatchNorm needs GPU workers "
                           f"(--gpus-per-worker > 0); on CPU BatchNorm statistics stay per worker")
@@ -170,6 +175,7 @@ def cmd_sweep(args) -> int:
     if not cfg.sweep.space:
         raise GrafitError(f"{args.config}: sweep.space: empty; a sweep needs at least one training parameter "
                           f"(use grafit train for a single run)")
+    check_batch(cfg, cfg.sweep.workers, "sweep.workers")
     train, query = prepare_data(cfg.data)
     levels = check_against_data(cfg, train)
     check_sweep_against_data(cfg, train)
@@ -188,6 +194,45 @@ def cmd_sweep(args) -> int:
         print(format_table(sweep.over_seeds(rows, params, keys), [p for p in params if p != "seed"] + ["seeds", *keys]))
     print(f"\nMLflow parent run {parent} in {tracking.tracking_uri()}; compare the trials with: grafit ui")
     return 0 if grid.num_errors < len(rows) else 1
+
+
+def cmd_matrix(args) -> int:
+    """Train every method at every training level, test at every level, log the matrices."""
+    from grafit_core.config import check_sweep, load_config
+    from grafit_core.data import prepare_data
+    from grafit_core.evaluate import check_against_data
+    from grafit_core.methods import get_method
+    from orchestrator import matrix, sweep, tracking
+
+    cfg = load_config(args.config, parse_set(args.set))
+    train, query = prepare_data(cfg.data)
+    levels = check_against_data(cfg, train)
+    cfg = matrix.matrix_sweep(cfg, train.hierarchy.levels)
+    for name in cfg.matrix.methods:
+        get_method(name)
+    check_sweep(cfg)
+    check_batch(cfg, cfg.sweep.workers, "sweep.workers")
+    check_sweep_against_data(cfg, train)
+    cfg.sweep.metric = cfg.sweep.metric or f"online_knn_top1/{levels[-1]}"
+    cells = len(cfg.matrix.methods) * len(cfg.matrix.train_levels)
+    print(f"matrix {cfg.name}: {len(cfg.matrix.methods)} methods x {len(cfg.matrix.train_levels)} training levels "
+          f"= {cells} cells, tested at {', '.join(levels)}", flush=True)
+    connect_ray(args.ray_address, args.num_cpus)
+    matrices = {}
+
+    def after(grid, uri, parent):
+        matrices.update(matrix.assemble(grid, levels))
+        matrix.log_matrices(uri, parent, matrices, cfg.matrix.train_levels, levels)
+
+    grid, parent = sweep.run_sweep(cfg, fingerprint=tracking.dataset_fingerprint(train, query),
+                                   storage_path=args.storage_path, max_failures=args.max_failures, after=after)
+    for metric in matrix.METRICS:
+        for method, rows in matrices.get(metric, {}).items():
+            print(f"\n== {metric} (%) of {method}: rows = training level, columns = test level ==")
+            print(matrix.format_matrix(rows, cfg.matrix.train_levels, levels))
+    print(f"\nMLflow parent run {parent} (matrices, heatmaps, one child run per cell) in {tracking.tracking_uri()}")
+    print("open it with: .venv/bin/grafit ui   (then http://127.0.0.1:5000)")
+    return 0 if grid.num_errors == 0 else 1
 
 
 def cmd_ui(args) -> int:
@@ -237,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts per trial (default 0)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("matrix", help="coarse-to-fine matrices: every method at every training level")
+    p.add_argument("config", help="matrix YAML, e.g. jobs/matrix/omniglot.yaml")
+    p.add_argument("--ray-address", default=None, help="cluster address for ray.init; default RAY_ADDRESS or a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--storage-path", default="runs/matrix", help="Tune and trial checkpoints (default runs/matrix)")
+    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts per cell (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("ui", help="start the MLflow UI (bound to 127.0.0.1 unless --host says otherwise)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

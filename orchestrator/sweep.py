@@ -13,6 +13,8 @@ import os
 import statistics
 
 from grafit_core.config import Config, config_from_dict, to_dict, with_overrides
+from grafit_core.data import NONE_LEVEL
+from grafit_core.methods import get_method
 from grafit_core.errors import GrafitError
 from orchestrator import tracking
 from orchestrator.train import tracked_training
@@ -33,6 +35,11 @@ def trial_fn(params: dict, base: dict, meta: dict) -> None:
     cfg = with_overrides(config_from_dict(base, meta["source"]), params)
     trial = tune.get_context().get_trial_id()
     sw = cfg.sweep
+    if cfg.data.train_level == NONE_LEVEL and not get_method(cfg.method.name).label_free(cfg):
+        # nothing to learn without labels: no workers, no run, a blank cell (the scheduler's
+        # metric must still be present in the report)
+        tune.report({sw.metric: float("nan"), "trained": 0, "skipped": 1})
+        return
     result = tracked_training(
         cfg, uri=meta["uri"], run_name=f"{meta['name']}/{trial}", fingerprint=meta["fingerprint"],
         parent_run_id=meta["parent_run_id"], workers=sw.workers, cpus_per_worker=sw.cpus_per_worker,
@@ -56,8 +63,9 @@ def check_capacity(sw) -> None:
 
 
 def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, uri: str | None = None,
-              max_failures: int = 0):
-    """Run the sweep on the connected Ray cluster; returns (Tune ResultGrid, parent run id)."""
+              max_failures: int = 0, after=None):
+    """Run the sweep on the connected Ray cluster; returns (Tune ResultGrid, parent run id).
+    after(grid, uri, parent_run_id) logs more into the parent run before it is closed."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -86,6 +94,8 @@ def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, uri: str | No
         grid = tuner.fit()
         close_children(uri, parent, grid, name)
         record_best(uri, parent, grid, sw.metric, sw.mode, final_key(cfg))
+        if after is not None:
+            after(grid, uri, parent)
         ok = grid.num_errors < len(grid)
         return grid, parent
     finally:
@@ -127,7 +137,9 @@ def trial_table(grid, params: list[str], keys: list[str]) -> list[dict]:
     for r in grid:
         trial = "_".join(os.path.basename(r.path).split("_")[2:4]) if r.path else "?"
         stopped = r.metrics and "trained" not in r.metrics
-        row = {"trial": trial, "status": "FAILED" if r.error else ("stopped" if stopped else "ok")}
+        status = "FAILED" if r.error else ("stopped" if stopped else
+                                           "skipped" if (r.metrics or {}).get("skipped") else "ok")
+        row = {"trial": trial, "status": status}
         row.update({p: str(r.config.get(p)) for p in params})
         row.update({k: (r.metrics or {}).get(k, "-") for k in keys})
         rows.append(row)

@@ -1,0 +1,69 @@
+"""Coarse-to-fine matrix assembly, metric keys, CSV and figures (no Ray: trial results are given)."""
+import math
+from types import SimpleNamespace
+
+from grafit_core.config import config_from_dict
+from orchestrator import matrix
+
+
+def trial(method, level, metrics, error=None):
+    return SimpleNamespace(config={"method.name": method, "data.train_level": level}, metrics=metrics, error=error)
+
+
+def cells(knn, mapc):
+    return {"trained": 1, "knn_top1/a": knn[0], "knn_top1/b": knn[1], "map_cosine/a": mapc[0],
+            "map_cosine/b": mapc[1], "map_cond/b": 0.5, "online_knn_top1/b": 0.1}
+
+
+GRID = [trial("grafit", "none", cells((0.9, 0.6), (0.3, 0.2))),
+        trial("grafit", "a", cells((1.0, 0.8), (0.7, 0.5))),
+        trial("ce", "none", {"trained": 0, "skipped": 1}),
+        trial("ce", "a", cells((0.95, 0.7), (0.6, 0.4))),
+        trial("ce", "b", None, error=RuntimeError("worker died"))]
+
+
+def test_assemble_places_each_trial_in_its_cell_and_leaves_skipped_and_failed_blank():
+    m = matrix.assemble(GRID, ["a", "b"])
+    assert m["knn_top1"] == {"grafit": {"none": {"a": 0.9, "b": 0.6}, "a": {"a": 1.0, "b": 0.8}},
+                             "ce": {"a": {"a": 0.95, "b": 0.7}}}
+    assert m["map_cond"] == {"grafit": {"none": {"b": 0.5}, "a": {"b": 0.5}}, "ce": {"a": {"b": 0.5}}}
+    assert m["map_oracle"] == {}
+
+
+def test_metric_keys_name_method_training_and_test_level():
+    flat = matrix.flat_metrics(matrix.assemble(GRID, ["a", "b"]))
+    assert flat["knn_top1/grafit/train_a/test_b"] == 0.8
+    assert flat["map_cosine/ce/train_a/test_a"] == 0.6
+    assert "knn_top1/ce/train_none/test_a" not in flat and "knn_top1/ce/train_b/test_a" not in flat
+    assert len(flat) == 2 * 3 * 2 + 3            # knn and cosine: 3 trained cells x 2 levels; cond: 3 cells
+
+
+def test_csv_and_printed_matrix_show_skipped_cells():
+    m = matrix.assemble(GRID, ["a", "b"])
+    csv = matrix.to_csv(m["knn_top1"], ["none", "a", "b"], ["a", "b"]).splitlines()
+    assert csv[0] == "method,train_level,test_a,test_b"
+    assert csv[1] == "grafit,none,0.900000,0.600000"
+    assert "ce,none,skipped,skipped" in csv and "ce,b,skipped,skipped" in csv
+    text = matrix.format_matrix(m["knn_top1"]["ce"], ["none", "a", "b"], ["a", "b"]).splitlines()
+    assert text[1].split() == ["train", "none", "skipped", "skipped"]
+    assert text[2].split() == ["train", "a", "95.0", "70.0"]
+
+
+def test_matrix_sweep_is_a_fifo_grid_over_methods_and_levels():
+    cfg = config_from_dict({"data": {"name": "synthetic"}, "matrix": {"methods": ["grafit", "ce"]}})
+    sw = matrix.matrix_sweep(cfg, ["l0", "l1"])
+    assert sw.sweep.space == {"method.name": {"grid": ["grafit", "ce"]},
+                              "data.train_level": {"grid": ["none", "l0", "l1"]}}
+    assert sw.sweep.scheduler == "fifo" and sw.matrix.train_levels == ["none", "l0", "l1"]
+
+
+def test_figures_render():
+    from orchestrator import figures
+    m = matrix.assemble(GRID, ["a", "b"])
+    fig = figures.heatmap(m["knn_top1"]["ce"], ["none", "a", "b"], ["a", "b"], "ce")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["skipped", "skipped", "95.0", "70.0", "skipped", "skipped"]
+    fig = figures.level_lines(m["knn_top1"], ["none", "a", "b"], "b", "knn_top1")
+    lines = {l.get_label(): list(l.get_ydata()) for l in fig.axes[0].get_lines()}
+    assert lines["grafit"] == [60.0, 80.0] and lines["ce"] == [70.0]
+    assert not math.isnan(lines["ce"][0])
