@@ -244,6 +244,21 @@ def cmd_ui(args) -> int:
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
 
 
+def ray_job_parser(sub, name: str, help: str, example: str, storage: str, failures: int, storage_what: str):
+    """The flags every command that runs on a Ray cluster shares."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config", help=f"job YAML, e.g. {example}")
+    p.add_argument("--ray-address", default=None,
+                   help="cluster address for ray.init (e.g. auto or HEAD:6379); default RAY_ADDRESS, "
+                        "else a local Ray is started. Not the job-server URL of `grafit submit`")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--storage-path", default=storage, help=f"{storage_what} (default {storage})")
+    p.add_argument("--max-failures", type=int, default=failures,
+                   help=f"worker-group restarts from the latest checkpoint before giving up (default {failures})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grafit", description="Grafit experiments: train, evaluate, compare.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,40 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write metrics and per-epoch history to this JSON file")
     p.set_defaults(func=cmd_local)
 
-    p = sub.add_parser("train", help="train on Ray Train workers (DDP, memory sharded per worker)")
-    p.add_argument("config", help="job YAML, e.g. jobs/omniglot.yaml")
+    p = ray_job_parser(sub, "train", "train on Ray Train workers (DDP, memory sharded per worker)",
+                       "jobs/omniglot.yaml", "runs/ray", 1, "checkpoints; every node must reach it")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (one process each); default 2")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per worker; > 0 uses NCCL and CUDA (default 0: gloo on CPU)")
-    p.add_argument("--ray-address", default=None,
-                   help="cluster address for ray.init (e.g. auto or HEAD:6379); default RAY_ADDRESS, "
-                        "else a local Ray is started. Not the job-server URL of `grafit submit`")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
-    p.add_argument("--storage-path", default="runs/ray",
-                   help="where checkpoints go; every node must reach it (default runs/ray)")
     p.add_argument("--name", default=None, help="run name (default: the config's name); rerunning a name resumes it")
-    p.add_argument("--max-failures", type=int, default=1,
-                   help="worker-group restarts from the latest checkpoint before giving up (default 1)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("sweep", help="run a sweep (Ray Tune over Ray Train) tracked in MLflow")
-    p.add_argument("config", help="sweep YAML, e.g. jobs/sweeps/omniglot_sigma_tau.yaml")
-    p.add_argument("--ray-address", default=None, help="cluster address for ray.init; default RAY_ADDRESS or a local Ray")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
-    p.add_argument("--storage-path", default="runs/tune", help="Tune and trial checkpoints (default runs/tune)")
-    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts per trial (default 0)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p = ray_job_parser(sub, "sweep", "run a sweep (Ray Tune over Ray Train) tracked in MLflow",
+                       "jobs/sweeps/omniglot_sigma_tau.yaml", "runs/tune", 0, "Tune state and trial checkpoints")
     p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("matrix", help="coarse-to-fine matrices: every method at every training level")
-    p.add_argument("config", help="matrix YAML, e.g. jobs/matrix/omniglot.yaml")
-    p.add_argument("--ray-address", default=None, help="cluster address for ray.init; default RAY_ADDRESS or a local Ray")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
-    p.add_argument("--storage-path", default="runs/matrix", help="Tune and trial checkpoints (default runs/matrix)")
-    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts per cell (default 0)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p = ray_job_parser(sub, "matrix", "coarse-to-fine matrices: every method at every training level",
+                       "jobs/matrix/omniglot.yaml", "runs/matrix", 0, "Tune state and cell checkpoints")
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("ui", help="start the MLflow UI (bound to 127.0.0.1 unless --host says otherwise)")

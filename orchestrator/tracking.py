@@ -28,10 +28,18 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def artifact_root(uri: str) -> str | None:
+    """With a sqlite store, artifacts go beside the database (mlartifacts/), not into ./mlruns of
+    whichever directory a process happens to run in; a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+    return None
+
+
 def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    return exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_root(uri))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ latest checkpoint (FailureConfig); rerunning with the same name resumes.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -73,7 +74,11 @@ def train_loop(loop_config: dict) -> dict:
         _maybe_kill(loop_config.get("kill"), epoch, step_in_epoch, ctx.rank)
 
     log = print if ctx.is_main else (lambda s: None)
-    result = fit(cfg, train, query, ctx, on_epoch=on_epoch, log=log, resume_from=resume_dir, on_step=on_step)
+    try:
+        result = fit(cfg, train, query, ctx, on_epoch=on_epoch, log=log, resume_from=resume_dir, on_step=on_step)
+    finally:
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
     if run and not result.skipped:
         if ctx.is_main:
             tracking.log_metrics(run["uri"], run["run_id"], result.metrics, step=cfg.optim.epochs)
