@@ -28,12 +28,13 @@ def atomic_save(obj, path: str) -> None:
 
 
 def save(directory: str, ctx, *, method, optimizer, memory: MemoryBank, epoch: int, step: int,
-         history: list, fingerprint: str = "") -> None:
-    """Write this rank's part of the checkpoint into `directory` (shared or per rank)."""
+         history: list, fingerprint: str = "", meta: dict | None = None) -> None:
+    """Write this rank's part of the checkpoint into `directory` (shared or per rank).
+    meta: what rebuilds the model without the job file (config, in_channels, num_classes)."""
     os.makedirs(directory, exist_ok=True)
     if ctx.is_main:
         atomic_save({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "step": step, "history": history, "fingerprint": fingerprint},
+                     "step": step, "history": history, "fingerprint": fingerprint, "meta": meta or {}},
                     os.path.join(directory, "train_state.pt"))
     atomic_save({"torch": torch.get_rng_state(), "world_size": ctx.world_size},
                 os.path.join(directory, f"rng_rank{ctx.rank}.pt"))
@@ -78,3 +79,20 @@ def load(directory: str, ctx, *, method, optimizer, memory: MemoryBank) -> dict:
         if rng["world_size"] == ctx.world_size:
             torch.set_rng_state(rng["torch"])
     return {k: state[k] for k in ("epoch", "step", "history", "fingerprint")}
+
+
+def load_trained(directory: str):
+    """(config, method in eval mode, meta) from a checkpoint directory (f and P for inference)."""
+    from grafit_core.config import config_from_dict
+    from grafit_core.methods import get_method
+    path = os.path.join(directory, "train_state.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no train_state.pt (not a grafit checkpoint)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    meta = state.get("meta") or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: the checkpoint does not record its config (written by an older version)")
+    cfg = config_from_dict(meta["config"], path)
+    method = get_method(cfg.method.name)(cfg, meta["in_channels"], meta["num_classes"])
+    method.load_state_dict(state["method"])
+    return cfg, method.eval(), meta

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from grafit_core import checkpoint
-from grafit_core.config import Config
+from grafit_core.config import Config, to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
@@ -195,6 +195,8 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
         z0, _ = embed_sharded(method, train, cfg, ctx, eval_tf)
         memory.fill(torch.arange(memory.offset, memory.offset + len(z0)), z0)
 
+    meta = {"config": to_dict(with_overrides(cfg, {"method.name": method_name or cfg.method.name})),
+            "in_channels": int(channels), "num_classes": int(labels.max()) + 1}
     levels = test_levels or []
     level_labels = {lv: torch.as_tensor(train.labels_at(lv)) for lv in levels}
     val_idx = validation_indices(len(train), cfg.eval.val_size)
@@ -212,7 +214,7 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
         if on_epoch is not None:
             def save(directory, _epoch=epoch + 1):
                 checkpoint.save(directory, ctx, method=method, optimizer=optimizer, memory=memory,
-                                epoch=_epoch, step=step, history=history)
+                                epoch=_epoch, step=step, history=history, meta=meta)
             on_epoch(epoch + 1, stats, save)
     return method, eval_tf, history, memory
 

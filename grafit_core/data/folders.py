@@ -74,6 +74,20 @@ def make_collections(levels: list[str], train: list[str], train_names: list[list
     return parts[0], parts[1]
 
 
+def split_sorted(paths: list[str], leaves: list[str], fraction: float) -> np.ndarray:
+    """Boolean mask of held-out samples: per leaf class, files sorted by name, the first
+    max(1, floor((1 - fraction) * n)) stay in the collection and the rest are queries."""
+    held = np.zeros(len(leaves), dtype=bool)
+    by_class: dict[str, list[int]] = {}
+    for i, c in enumerate(leaves):
+        by_class.setdefault(c, []).append(i)
+    for idx in by_class.values():
+        idx = sorted(idx, key=lambda i: os.path.basename(paths[i]))
+        keep = max(1, int(np.floor((1.0 - fraction) * len(idx) + 1e-9)))
+        held[idx[keep:]] = True
+    return held
+
+
 def split_fraction(leaves: list[str], fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of held-out samples: `fraction` of each leaf class, at least one kept for train."""
     rng = np.random.default_rng(seed)
@@ -90,7 +104,7 @@ def split_fraction(leaves: list[str], fraction: float, seed: int) -> np.ndarray:
 
 def load_folders(root: str, *, levels: list[str], query_root: str | None = None,
                  query_fraction: float = 0.0, channels: int = 3, cache_size: int | None = None,
-                 seed: int = 0, extensions: Sequence[str] = EXTENSIONS
+                 seed: int = 0, split: str = "random", extensions: Sequence[str] = EXTENSIONS
                  ) -> tuple[FileCollection, FileCollection]:
     """(train, query) from a taxonomy of nested folders; see the module docstring."""
     levels = list(levels or [])
@@ -117,7 +131,11 @@ def load_folders(root: str, *, levels: list[str], query_root: str | None = None,
         qpaths = [os.path.join(query_root, *r) for r in qrels]
         qnames = [class_names(r, depth) for r in qrels]
     else:
-        held = split_fraction([n[-1] for n in names], query_fraction, seed)
+        if split not in ("random", "sorted"):
+            raise ConfigError(f"data.options.split: random or sorted, got {split!r}")
+        leaves = [n[-1] for n in names]
+        held = (split_sorted(paths, leaves, query_fraction) if split == "sorted"
+                else split_fraction(leaves, query_fraction, seed))
         qpaths = [p for p, h in zip(paths, held) if h]
         qnames = [n for n, h in zip(names, held) if h]
         paths = [p for p, h in zip(paths, held) if not h]
