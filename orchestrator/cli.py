@@ -280,6 +280,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    """Rank a collection for query images; optionally conditioned on a coarse class."""
+    from orchestrator.search import search
+    if not os.path.isdir(args.collection):
+        raise GrafitError(f"--collection {args.collection}: no such folder")
+    if not args.levels:
+        depth = folder_depth(args.collection)
+        args.levels = ",".join(f"level{i + 1}" for i in range(depth))
+    for res in search(args):
+        if args.json:
+            print(json.dumps(res, indent=1))
+            continue
+        how = f"conditioned on {args.coarse!r}" if args.coarse else "cosine"
+        print(f"{res['query']} ({how}; index {res['index']}{', built' if res['index_built'] else ''}):")
+        for r in res["results"]:
+            print(f"  {r['rank']:3d}  {r['score']:8.4f}  {r['path']}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
     from orchestrator import tracking
@@ -340,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "a class with one file stays in the collection")
     p.add_argument("--k", default="auto", help="k of the kNN: auto (chosen on the collection) or an integer")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("search", help="rank a collection for query images with a trained model")
+    p.add_argument("query", nargs="+", help="query image file(s)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (holds train_state.pt)")
+    p.add_argument("--collection", required=True, help="root of nested folders: root/<level1>/.../<image>")
+    p.add_argument("--levels", default=None, help="comma-separated level names, coarse -> fine (default level1,...)")
+    p.add_argument("--coarse", default=None,
+                   help="a class of the first (coarsest) level: its items are ranked first (eq. 5, one-hot p_c)")
+    p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--index-dir", default="runs/index",
+                   help="where the collection's Parquet index is kept and reused (default runs/index)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ui", help="start the MLflow UI (bound to 127.0.0.1 unless --host says otherwise)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

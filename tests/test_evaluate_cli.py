@@ -65,3 +65,35 @@ def test_evaluate_a_checkpoint_on_new_folders(tmp_path, capsys):
 def test_evaluate_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
     assert grafit(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "not a grafit checkpoint" in capsys.readouterr().err
+
+
+def test_search_ranks_the_collection_reuses_its_index_and_conditions_on_a_coarse_class(tmp_path, capsys):
+    import shutil
+    cfg = config_from_dict(JOB)
+    train, query = prepare_data(cfg.data)
+    ckpt = tmp_path / "ckpt"
+    fit(cfg, train, query, on_epoch=lambda e, s, save: save(str(ckpt)), log=lambda s: None)
+    data = tmp_path / "catalog"
+    write_tree(str(data))
+    q = tmp_path / "query.png"
+    shutil.copy(data / "B" / "b2" / "img03.png", q)
+    base = ["search", str(q), "--checkpoint", str(ckpt), "--collection", str(data), "--levels", "category,item",
+            "--index-dir", str(tmp_path / "index"), "--json", "--top", "13"]
+
+    assert grafit(base) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["index_built"] and os.path.exists(first["index"])
+    top = first["results"][0]
+    assert top["path"].endswith(os.path.join("B", "b2", "img03.png")) and abs(top["score"] - 1) < 1e-5
+    assert len(first["results"]) == 13 and [r["rank"] for r in first["results"]] == list(range(1, 14))
+
+    assert grafit(base + ["--coarse", "A"]) == 0
+    cond = json.loads(capsys.readouterr().out)
+    assert not cond["index_built"] and cond["index"] == first["index"]        # reused, not rebuilt
+    assert [r["category"] for r in cond["results"]] == ["A"] * 5 + ["B"] * 8  # A's 5 items first
+    # within a coarse class the order is the cosine order
+    b_cos = [r["path"] for r in first["results"] if r["category"] == "B"]
+    assert [r["path"] for r in cond["results"][5:]] == b_cos
+
+    assert grafit(base + ["--coarse", "Z"]) == 2
+    assert "--coarse 'Z': not a class of level 'category'" in capsys.readouterr().err
