@@ -299,6 +299,15 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """Rebuild the tables and figures of a run or experiment from MLflow."""
+    from orchestrator import tracking
+    from orchestrator.report import report
+    uri = args.backend_store_uri or tracking.tracking_uri()
+    report(uri, args.run, args.out or os.path.join("runs", "report", args.run))
+    return 0
+
+
 def cmd_ui(args) -> int:
     """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
     from orchestrator import tracking
@@ -372,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the collection's Parquet index is kept and reused (default runs/index)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="rebuild tables and figures of a run or experiment from MLflow")
+    p.add_argument("run", help="an MLflow run id, or an experiment name (its latest top-level run)")
+    p.add_argument("--out", default=None, help="folder for figures and CSVs (default runs/report/<run>)")
+    p.add_argument("--backend-store-uri", default=None,
+                   help="tracking store (default MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI (bound to 127.0.0.1 unless --host says otherwise)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

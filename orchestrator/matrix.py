@@ -51,12 +51,13 @@ def flat_metrics(matrices: dict) -> dict:
 
 def to_csv(per_method: dict, train_levels: list[str], test_levels: list[str]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf)
+    writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["method", "train_level", *[f"test_{lv}" for lv in test_levels]])
     for method, rows in per_method.items():
         for tl in train_levels:
             cells = rows.get(tl)
-            writer.writerow([method, tl, *[("skipped" if cells is None else f"{cells[lv]:.6f}") for lv in test_levels]])
+            writer.writerow([method, tl, *[("skipped" if (cells or {}).get(lv) is None else f"{cells[lv]:.6f}")
+                                           for lv in test_levels]])
     return buf.getvalue()
 
 

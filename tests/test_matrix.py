@@ -67,3 +67,24 @@ def test_figures_render():
     lines = {l.get_label(): list(l.get_ydata()) for l in fig.axes[0].get_lines()}
     assert lines["grafit"] == [60.0, 80.0] and lines["ce"] == [70.0]
     assert not math.isnan(lines["ce"][0])
+
+
+def test_report_rebuilds_matrices_and_figures_from_mlflow(tmp_path, capsys):
+    from orchestrator import tracking
+    from orchestrator.cli import main as grafit
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_run(uri, "report-test", "matrix", {"name": "report-test"}, {})
+    m = matrix.assemble(GRID, ["a", "b"])
+    matrix.log_matrices(uri, run_id, m, ["none", "a", "b"], ["a", "b"])
+    tracking.end_run(uri, run_id, True)
+    out = tmp_path / "report"
+    assert grafit(["report", "report-test", "--out", str(out), "--backend-store-uri", uri]) == 0
+    text = capsys.readouterr().out
+    assert "== knn_top1 (%) of ce" in text and "95.0" in text
+    files = sorted(p.name for p in out.iterdir())
+    assert "heatmap_knn_top1_grafit.png" in files and "levels_knn_top1.png" in files
+    assert (out / "knn_top1.csv").read_text() == matrix.to_csv(m["knn_top1"], ["none", "a", "b"], ["a", "b"])
+    # the metrics logged on the run are the matrices' cells
+    from mlflow.tracking import MlflowClient
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    assert logged == matrix.flat_metrics(m)
