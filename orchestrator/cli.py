@@ -223,6 +223,7 @@ def cmd_matrix(args) -> int:
     def after(grid, uri, parent):
         matrices.update(matrix.assemble(grid, levels))
         matrix.log_matrices(uri, parent, matrices, cfg.matrix.train_levels, levels)
+        matrix.example_figures(uri, parent, grid, train, query, cfg.matrix.train_levels, levels)
 
     grid, parent = sweep.run_sweep(cfg, fingerprint=tracking.dataset_fingerprint(train, query),
                                    storage_path=args.storage_path, max_failures=args.max_failures, after=after)

@@ -39,3 +39,51 @@ def level_lines(per_method: dict, train_levels: list[str], test_level: str, metr
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _show(ax, img, border=None):
+    """A C x H x W uint8 image on an axis, optionally framed green (correct) or red (wrong)."""
+    arr = img.permute(1, 2, 0).numpy()
+    ax.imshow(arr[..., 0] if arr.shape[2] == 1 else arr, cmap="gray" if arr.shape[2] == 1 else None)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if border:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(border)
+            spine.set_linewidth(3)
+
+
+def retrieval_grid(rows: list[dict], top: int = 10):
+    """Fig. 1: each row = a query, then its top results for one method, correct ones green.
+    rows: {"label": str, "query": image, "results": [image], "correct": [bool]}."""
+    fig, axes = plt.subplots(len(rows), top + 1, figsize=(1.1 * (top + 1), 1.2 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        _show(axes[r][0], row["query"])
+        axes[r][0].set_ylabel(row["label"], fontsize=7, rotation=0, ha="right", va="center")
+        for j in range(top):
+            if j < len(row["results"]):
+                _show(axes[r][j + 1], row["results"][j], "green" if row["correct"][j] else "red")
+            else:
+                axes[r][j + 1].axis("off")
+    axes[0][0].set_title("query", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tsne_map(embeddings, labels, names: list[str], title: str, seed: int = 0):
+    """Fig. 4: a t-SNE of one coarse class's images, coloured by their fine class."""
+    from sklearn.manifold import TSNE
+    xy = TSNE(n_components=2, init="pca", random_state=seed,
+              perplexity=min(30.0, max(2.0, (len(embeddings) - 1) / 3))).fit_transform(embeddings)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, lab in enumerate(sorted(set(labels))):
+        pts = xy[[k for k, v in enumerate(labels) if v == lab]]
+        ax.scatter(pts[:, 0], pts[:, 1], s=8, color=cmap(i % 20), label=names[lab] if i < 12 else None)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(set(labels)) <= 12:
+        ax.legend(fontsize=6, markerscale=1.5, loc="best")
+    fig.tight_layout()
+    return fig

@@ -88,3 +88,50 @@ def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -
             f"{'skipped' if math.isnan(cells.get(lv, math.nan)) else f'{100 * cells[lv]:.1f}':>18s}"
             for lv in test_levels))
     return "\n".join(lines)
+
+
+def example_figures(uri: str, run_id: str, grid, train, query, train_levels: list[str], test_levels: list[str],
+                    n_queries: int = 4, max_collection: int = 200_000) -> list[str]:
+    """Fig. 1 (queries with their top-10 for the CE baseline and for Grafit, correct ones green) and
+    Fig. 4 (t-SNE of one coarse class coloured by fine class), from the cells trained at the
+    coarsest supervised level. Runs on the driver from the cells' checkpoints."""
+    import numpy as np
+    import torch
+
+    from grafit_core.checkpoint import load_trained
+    from grafit_core.data.transforms import build_transform
+    from grafit_core.distributed import DistContext
+    from grafit_core.engine import embed
+
+    level = next((tl for tl in train_levels if tl != "none"), None)
+    ckpts = {r.config["method.name"]: r.metrics.get("checkpoint_dir") for r in grid
+             if r.error is None and r.metrics and r.metrics.get("trained") and r.config["data.train_level"] == level}
+    ours = next((m for m in ckpts if m != "ce"), None)
+    if level is None or "ce" not in ckpts or ours is None or len(train) > max_collection:
+        return []
+    fine = test_levels[-1]
+    fine_train, fine_query = train.labels_at(fine), query.labels_at(fine)
+    picks = [int(i) for i in np.linspace(0, len(query) - 1, n_queries)]
+    rows, written, c = [], [], tracking.client(uri)
+    for name in ("ce", ours):
+        cfg, method, meta = load_trained(ckpts[name])
+        tf = build_transform(cfg.data.augment, cfg.data.image_size, meta["in_channels"], train=False)
+        bank, _ = embed(method, train, cfg, DistContext(), tf)
+        zq, _ = embed(method, query, cfg, DistContext(), tf, rows=picks)
+        for q, z in zip(picks, zq):
+            top = torch.topk(bank @ z, 10).indices.tolist()
+            rows.append({"label": f"{name}\n{train.hierarchy.classes[fine][fine_query[q]]}",
+                         "query": query.image(q), "results": [train.image(i) for i in top],
+                         "correct": [bool(fine_train[i] == fine_query[q]) for i in top]})
+        if name == ours:
+            members = np.nonzero(train.labels_at(level) == 0)[0]
+            fig = figures.tsne_map(bank[members].numpy(), fine_train[members].tolist(), train.hierarchy.classes[fine],
+                                   f"{ours} trained on {level}: {train.hierarchy.classes[level][0]} by {fine}")
+            c.log_figure(run_id, fig, "figures/tsne.png")
+            figures.plt.close(fig)
+            written.append("figures/tsne.png")
+    rows = [r for pair in zip(rows[:n_queries], rows[n_queries:]) for r in pair]   # baseline above ours
+    fig = figures.retrieval_grid(rows)
+    c.log_figure(run_id, fig, "figures/retrieval_grid.png")
+    figures.plt.close(fig)
+    return written + ["figures/retrieval_grid.png"]

@@ -50,7 +50,8 @@ def trial_fn(params: dict, base: dict, meta: dict) -> None:
     final = result.return_value
     last_epoch = final["history"][-1] if final["history"] else {}   # keeps the scheduler's metric present
     tune.report({**last_epoch, **({} if final["skipped"] else final["metrics"]), "mlflow_run_id": result.run_id,
-                 "trained": 0 if final["skipped"] else 1})
+                 "trained": 0 if final["skipped"] else 1,
+                 "checkpoint_dir": result.checkpoint.path if result.checkpoint else ""})
 
 
 def check_capacity(sw) -> None:

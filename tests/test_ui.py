@@ -22,7 +22,7 @@ JOB = {"name": "ui-matrix",
        "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
        "optim": {"epochs": 1, "batch_size": 16},
        "eval": {"val_size": 20, "k_candidates": [3, 5]},
-       "matrix": {"methods": ["grafit"], "train_levels": ["l0"]}}
+       "matrix": {"methods": ["grafit", "ce"], "train_levels": ["l0"]}}
 
 
 def free_port() -> int:
@@ -60,6 +60,9 @@ def test_mlflow_ui_shows_the_matrix_heatmap(tmp_path):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("ui-matrix")
     parent = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags][0]
+    figs = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/retrieval_grid.png", "figures/tsne.png", "figures/heatmap_knn_top1_ce.png",
+            "figures/levels_knn_top1.png"} <= figs
 
     port = free_port()
     ui = subprocess.Popen([*grafit, "ui", "--port", str(port)], cwd=ROOT, env=env, start_new_session=True,
