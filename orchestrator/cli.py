@@ -17,6 +17,7 @@ import time
 import yaml
 
 from grafit_core.errors import GrafitError
+from orchestrator.tools import cmd_evaluate, cmd_report, cmd_search, cmd_ui
 
 
 def parse_set(items: list[str]) -> dict:
@@ -234,88 +235,6 @@ def cmd_matrix(args) -> int:
     print(f"\nMLflow parent run {parent} (matrices, heatmaps, one child run per cell) in {tracking.tracking_uri()}")
     print("open it with: .venv/bin/grafit ui   (then http://127.0.0.1:5000)")
     return 0 if grid.num_errors == 0 else 1
-
-
-def folder_depth(root: str) -> int:
-    """Folder levels above the images of a nested-folder collection (from its first image)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        if any(f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")) for f in filenames):
-            return len(os.path.relpath(dirpath, root).split(os.sep)) if dirpath != root else 0
-    raise GrafitError(f"--data {root}: no image found")
-
-
-def cmd_evaluate(args) -> int:
-    """Evaluate a trained model on any nested-folder collection; print JSON metrics per level."""
-    from grafit_core.checkpoint import load_trained
-    from grafit_core.config import with_overrides
-    from grafit_core.data.folders import load_folders
-    from grafit_core.data.transforms import build_transform
-    from grafit_core.distributed import DistContext
-    from grafit_core.engine import embed
-    from grafit_core.evaluate import evaluate
-
-    try:
-        cfg, method, meta = load_trained(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        raise GrafitError(f"--checkpoint: {err}") from None
-    if not os.path.isdir(args.data):
-        raise GrafitError(f"--data {args.data}: no such folder")
-    depth = folder_depth(args.data)
-    levels = args.levels.split(",") if args.levels else [f"level{i + 1}" for i in range(depth)]
-    if len(levels) != depth or depth == 0:
-        raise GrafitError(f"--levels: {args.data} has {depth} folder level(s) above its images, got {levels}")
-    channels = meta["in_channels"]
-    train, query = load_folders(args.data, levels=levels, query_fraction=args.query_fraction, split="sorted",
-                                channels=channels)
-    # conditioning uses the coarsest level of the new taxonomy, through eq. 6 over the collection
-    ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels,
-                                "eval.k": args.k if args.k == "auto" else int(args.k)})
-    tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=False)
-    bank, _ = embed(method, train, ecfg, DistContext(), tf)
-    queries, _ = embed(method, query, ecfg, DistContext(), tf)
-    metrics = evaluate(ecfg, bank, 0, train, queries, query, levels)
-    out = {"checkpoint": args.checkpoint, "data": args.data, "collection": len(train), "queries": len(query),
-           "levels": {lv: {k.split("/")[0]: v for k, v in metrics.items() if k.endswith(f"/{lv}")} for lv in levels}}
-    print(json.dumps(out, indent=1))
-    return 0
-
-
-def cmd_search(args) -> int:
-    """Rank a collection for query images; optionally conditioned on a coarse class."""
-    from orchestrator.search import search
-    if not os.path.isdir(args.collection):
-        raise GrafitError(f"--collection {args.collection}: no such folder")
-    if not args.levels:
-        depth = folder_depth(args.collection)
-        args.levels = ",".join(f"level{i + 1}" for i in range(depth))
-    for res in search(args):
-        if args.json:
-            print(json.dumps(res, indent=1))
-            continue
-        how = f"conditioned on {args.coarse!r}" if args.coarse else "cosine"
-        print(f"{res['query']} ({how}; index {res['index']}{', built' if res['index_built'] else ''}):")
-        for r in res["results"]:
-            print(f"  {r['rank']:3d}  {r['score']:8.4f}  {r['path']}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    """Rebuild the tables and figures of a run or experiment from MLflow."""
-    from orchestrator import tracking
-    from orchestrator.report import report
-    uri = args.backend_store_uri or tracking.tracking_uri()
-    report(uri, args.run, args.out or os.path.join("runs", "report", args.run))
-    return 0
-
-
-def cmd_ui(args) -> int:
-    """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
-    from orchestrator import tracking
-    uri = args.backend_store_uri or tracking.tracking_uri()
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
 
 
 def ray_job_parser(sub, name: str, help: str, example: str, storage: str, failures: int, storage_what: str):
