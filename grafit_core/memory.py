@@ -52,14 +52,6 @@ class MemoryBank:
     def is_full(self) -> bool:
         return bool(self.filled.all())
 
-    def state_dict(self) -> dict:
-        return {"bank": self.bank.cpu(), "labels": self.labels.cpu(), "offset": self.offset,
-                "filled": self.filled.cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.bank.copy_(state["bank"])
-        self.filled.copy_(state["filled"])
-
     def knn_loss(self, z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, sigma: float) -> torch.Tensor:
         """L_knn of the queries against this (whole, single-process) memory."""
         return knn_loss(z, labels, indices, self.bank, self.labels, sigma)
