@@ -74,8 +74,10 @@ def embed(method: Method, collection: Collection, cfg: Config, ctx: DistContext,
         if lg is not None:
             logits.append(lg.cpu())
     method.train(was_training)
-    dim = method.net.embed_dim
-    return (torch.cat(zs) if zs else torch.zeros(0, dim)), (torch.cat(logits) if logits else None)
+    head = method.net.classifier if method.head_gives_coarse else None
+    if not logits and head is not None:      # an empty shard still takes part in gathering the logits
+        logits = [torch.zeros(0, head.out_features)]
+    return (torch.cat(zs) if zs else torch.zeros(0, method.net.embed_dim)), (torch.cat(logits) if logits else None)
 
 
 def gather_rows(local: Optional[torch.Tensor], n: int, ctx: DistContext) -> Optional[torch.Tensor]:

@@ -183,7 +183,7 @@ def cmd_sweep(args) -> int:
     cfg.sweep.metric = cfg.sweep.metric or f"online_knn_top1/{levels[-1]}"
     fingerprint = tracking.dataset_fingerprint(train, query)
     connect_ray(args.ray_address, args.num_cpus)
-    grid, parent = sweep.run_sweep(cfg, fingerprint=fingerprint, storage_path=args.storage_path,
+    grid, parent = sweep.run_sweep(cfg, fingerprint=fingerprint, storage_path=args.storage_path, finest=levels[-1],
                                    max_failures=args.max_failures)
     params = list(cfg.sweep.space)
     keys = [f"{m}/{lv}" for lv in levels for m in ("knn_top1", "map_cosine", "map_cond")]
@@ -226,7 +226,7 @@ def cmd_matrix(args) -> int:
         matrix.log_matrices(uri, parent, matrices, cfg.matrix.train_levels, levels)
         matrix.example_figures(uri, parent, grid, train, query, cfg.matrix.train_levels, levels)
 
-    grid, parent = sweep.run_sweep(cfg, fingerprint=tracking.dataset_fingerprint(train, query),
+    grid, parent = sweep.run_sweep(cfg, fingerprint=tracking.dataset_fingerprint(train, query), finest=levels[-1],
                                    storage_path=args.storage_path, max_failures=args.max_failures, after=after)
     for metric in matrix.METRICS:
         for method, rows in matrices.get(metric, {}).items():

@@ -75,7 +75,8 @@ def _matrix_report(c, rid: str, out_dir: str) -> list[str]:
 
 
 def _sweep_report(run, children) -> None:
-    swept = [k for k in json.loads(run.data.params.get("sweep.space", "{}"))]
+    # params are flattened: sweep.space.<key>.<grid|choice|uniform|loguniform>
+    swept = sorted({k[len("sweep.space."):].rsplit(".", 1)[0] for k in run.data.params if k.startswith("sweep.space.")})
     finest = sorted({k.split("/")[1] for r in children for k in r.data.metrics
                      if k.startswith("knn_top1/") and k.count("/") == 1})
     keys = [f"{m}/{lv}" for lv in finest for m in ("knn_top1", "map_cosine", "map_cond")]

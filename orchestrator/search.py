@@ -15,12 +15,9 @@ import torch
 
 from grafit_core.errors import GrafitError
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def index_key(checkpoint: str, paths: list[str]) -> str:
-    """Changes when the model or any collection file (name or size) changes."""
-    h = hashlib.sha256()
+def index_key(checkpoint: str, paths: list[str], levels: list[str]) -> str:
+    """Changes when the model, the level names or any collection file (name or size) changes."""
+    h = hashlib.sha256(",".join(levels).encode())
     state = os.path.join(checkpoint, "train_state.pt")
     h.update(f"{os.path.abspath(state)}\0{os.path.getsize(state)}\0{os.path.getmtime(state)}".encode())
     for p in paths:
@@ -38,7 +35,7 @@ def build_or_load_index(checkpoint: str, root: str, index_dir: str, cfg, method,
     from grafit_core.engine import embed
 
     coll, _ = load_folders(root, levels=levels, channels=meta["in_channels"])
-    path = os.path.join(index_dir, f"index_{index_key(checkpoint, coll.paths)}.parquet")
+    path = os.path.join(index_dir, f"index_{index_key(checkpoint, coll.paths, levels)}.parquet")
     if os.path.exists(path):
         table = pq.read_table(path)
         return (table.column("path").to_pylist(), np.array(table.column("embedding").to_pylist(), dtype=np.float32),

@@ -63,26 +63,50 @@ def check_capacity(sw) -> None:
                           f"the Ray cluster has {cpus:g}: concurrent trials would wait forever")
 
 
-def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, uri: str | None = None,
+def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, finest: str, uri: str | None = None,
               max_failures: int = 0, after=None):
     """Run the sweep on the connected Ray cluster; returns (Tune ResultGrid, parent run id).
-    after(grid, uri, parent_run_id) logs more into the parent run before it is closed."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    sw = cfg.sweep
-    check_capacity(sw)
+    after(grid, uri, parent_run_id) logs more into the parent run before it is closed; the parent
+    records the trial with the best final kNN top-1 at the `finest` test level."""
+    check_capacity(cfg.sweep)
     uri = uri or tracking.tracking_uri()
     name = cfg.name
     experiment = cfg.tracking.experiment or cfg.name
     parent = tracking.start_run(uri, experiment, f"sweep {name}", to_dict(cfg), tracking.provenance(fingerprint))
+    ok, grid = False, None
+    try:
+        grid = _fit_tuner(cfg, uri, parent, fingerprint, storage_path, max_failures)
+        record_best(uri, parent, grid, f"knn_top1/{finest}")
+        if after is not None:
+            after(grid, uri, parent)
+        ok = grid.num_errors < len(grid)
+        return grid, parent
+    finally:
+        if grid is not None:
+            close_children(uri, parent, grid)
+        tracking.end_run(uri, parent, ok)
+
+
+def max_epochs(cfg: Config) -> int:
+    """The longest trial's epochs (optim.epochs may itself be swept)."""
+    spec = cfg.sweep.space.get("optim.epochs")
+    if not spec:
+        return cfg.optim.epochs
+    return int(max(next(iter(spec.values()))))
+
+
+def _fit_tuner(cfg: Config, uri: str, parent: str, fingerprint: str, storage_path: str, max_failures: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sw, name = cfg.sweep, cfg.name
     meta = {"uri": uri, "parent_run_id": parent, "fingerprint": fingerprint, "source": cfg.source or "<config>",
             "storage_path": os.path.abspath(os.path.join(storage_path, "trials")), "name": name,
             "max_failures": max_failures}
     # one report per epoch, then the trial's final report: with max_t = epochs ASHA would stop a
     # surviving trial at its last epoch, before its evaluation and MLflow logging finish
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs + 1,
-                               grace_period=sw.grace_period)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(cfg) + 1,
+                               grace_period=min(sw.grace_period, max_epochs(cfg)))
                  if sw.scheduler == "asha" else FIFOScheduler())
     trainable = tune.with_resources(tune.with_parameters(trial_fn, base=to_dict(cfg), meta=meta),
                                     {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
@@ -90,28 +114,18 @@ def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, uri: str | No
                        tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler,
                                                    num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
                        run_config=tune.RunConfig(storage_path=os.path.abspath(storage_path), name=name))
-    ok = False
-    try:
-        grid = tuner.fit()
-        close_children(uri, parent, grid, name)
-        record_best(uri, parent, grid, sw.metric, sw.mode, final_key(cfg))
-        if after is not None:
-            after(grid, uri, parent)
-        ok = grid.num_errors < len(grid)
-        return grid, parent
-    finally:
-        tracking.end_run(uri, parent, ok)
+    return tuner.fit()
 
 
-def final_key(cfg: Config) -> str:
-    """The final metric the parent run ranks trials by: kNN top-1 at the finest test level."""
-    return f"knn_top1/{cfg.sweep.metric.split('/')[-1]}"
+def trial_id(path: str) -> str:
+    """Tune's trial id from a trial folder name: trial_fn_<experiment>_<index>_<params>_<date>."""
+    return "_".join(os.path.basename(path).split("_")[2:4])
 
 
-def close_children(uri: str, parent: str, grid, name: str) -> None:
+def close_children(uri: str, parent: str, grid) -> None:
     """A trial stopped by the scheduler (or whose driver died) cannot close its own run: mark it
     KILLED (stopped early) or FAILED (errored), never leave it RUNNING."""
-    failed = {os.path.basename(r.path).split("_", 2)[-1] for r in grid if r.error is not None and r.path}
+    failed = {trial_id(r.path) for r in grid if r.error is not None and r.path}
     c = tracking.client(uri)
     runs = c.search_runs([c.get_run(parent).info.experiment_id],
                          filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
@@ -120,11 +134,12 @@ def close_children(uri: str, parent: str, grid, name: str) -> None:
         c.set_terminated(run.info.run_id, status="FAILED" if trial in failed else "KILLED")
 
 
-def record_best(uri: str, parent: str, grid, metric: str, mode: str, final: str) -> None:
+def record_best(uri: str, parent: str, grid, final: str) -> None:
+    """The best trial by final kNN top-1 at the finest test level (higher is better)."""
     rows = [r for r in grid if r.error is None and r.metrics and final in r.metrics]
     if not rows:
         return
-    best = (max if mode == "max" else min)(rows, key=lambda r: r.metrics[final])
+    best = max(rows, key=lambda r: r.metrics[final])
     c = tracking.client(uri)
     c.set_tag(parent, "best.run_id", best.metrics["mlflow_run_id"])
     c.set_tag(parent, "best.config", str({k: v for k, v in best.config.items()}))
@@ -136,7 +151,7 @@ def trial_table(grid, params: list[str], keys: list[str]) -> list[dict]:
     """One row per trial: its swept values, status and final metrics."""
     rows = []
     for r in grid:
-        trial = "_".join(os.path.basename(r.path).split("_")[2:4]) if r.path else "?"
+        trial = trial_id(r.path) if r.path else "?"
         stopped = r.metrics and "trained" not in r.metrics
         status = "FAILED" if r.error else ("stopped" if stopped else
                                            "skipped" if (r.metrics or {}).get("skipped") else "ok")

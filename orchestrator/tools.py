@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from grafit_core.data.folders import EXTENSIONS
 from grafit_core.errors import GrafitError
 
 
@@ -13,7 +14,7 @@ def folder_depth(root: str) -> int:
     """Folder levels above the images of a nested-folder collection (from its first image)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        if any(f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")) for f in filenames):
+        if any(f.lower().endswith(EXTENSIONS) for f in filenames):
             return len(os.path.relpath(dirpath, root).split(os.sep)) if dirpath != root else 0
     raise GrafitError(f"--data {root}: no image found")
 
@@ -42,7 +43,7 @@ def cmd_evaluate(args) -> int:
     train, query = load_folders(args.data, levels=levels, query_fraction=args.query_fraction, split="sorted",
                                 channels=channels)
     # conditioning uses the coarsest level of the new taxonomy, through eq. 6 over the collection
-    ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels,
+    ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels, "sweep.eval_grid": {},
                                 "eval.k": args.k if args.k == "auto" else int(args.k)})
     tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=False)
     bank, _ = embed(method, train, ecfg, DistContext(), tf)

@@ -95,11 +95,14 @@ def start_run(uri: str, experiment: str, run_name: str, cfg_dict: dict, tags: di
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
-    params = flatten(cfg_dict)
     from mlflow.entities import Param
-    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        c.log_batch(run.info.run_id, params=items[i:i + 100])
+    items = [Param(k, v[:6000]) for k, v in sorted(flatten(cfg_dict).items())]
+    try:
+        for i in range(0, len(items), 100):
+            c.log_batch(run.info.run_id, params=items[i:i + 100])
+    except Exception:
+        c.set_terminated(run.info.run_id, status="FAILED")   # never left RUNNING
+        raise
     return run.info.run_id
 
 

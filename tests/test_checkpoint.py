@@ -98,3 +98,16 @@ def test_checkpoint_files_are_written_atomically(tmp_path, monkeypatch):
 
 def test_distributed_context_defaults_to_one_process():
     assert DistContext().world_size == 1 and DistContext().is_main
+
+
+def ce_with_tiny_query(ctx, job):
+    """CE (whose softmax head gives p_c) with 2 queries over 3 ranks: one rank's query shard is empty."""
+    from grafit_core.data.images import split_collection
+    cfg = config_from_dict({**job, "method": {"name": "ce"}})
+    train, query = prepare_data(cfg.data)
+    return fit(cfg, train, split_collection(query, [0, 1], "two-queries"), ctx, log=lambda s: None).metrics
+
+
+def test_empty_query_shard_does_not_hang_the_gather():
+    results = run_gloo(ce_with_tiny_query, 3, {**JOB, "optim": {"epochs": 1, "batch_size": 12}})
+    assert results[0] == results[1] == results[2] and "map_cond/l2" in results[0]
