@@ -217,6 +217,14 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def set_dotted(data: dict, dotted: str, value) -> None:
+    """data["a"]["b"] = value for "a.b" (a missing section is created; validation names it)."""
+    *parents, last = dotted.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[last] = value
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
@@ -257,11 +265,7 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
     """Read a YAML job file (safe loader), apply dotted overrides, validate."""
     data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_dotted(data, dotted, value)
     cfg = from_dict(Config, data, "", path)
     cfg.source = path
     check_sweep(cfg)
@@ -282,13 +286,8 @@ def with_overrides(cfg: Config, overrides: dict) -> Config:
     """A copy of cfg with dotted keys replaced, validated like a file (errors name the key)."""
     data = to_dict(cfg)
     for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    out = config_from_dict(data, cfg.source or "<config>")
-    return out
+        set_dotted(data, dotted, value)
+    return config_from_dict(data, cfg.source or "<config>")
 
 
 def _field_exists(dotted: str) -> bool:

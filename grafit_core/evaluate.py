@@ -16,8 +16,8 @@ from grafit_core.config import Config, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.errors import ConfigError, DataError
 from grafit_core.distributed import DistContext
-from grafit_core.sharded_metrics import (sharded_average_precisions, sharded_choose_k, sharded_knn_classify,
-                                         sharded_knn_predict_multi)
+from grafit_core.sharded_metrics import (replicate_rows, sharded_average_precisions, sharded_choose_k,
+                                         sharded_knn_classify, sharded_knn_predict_multi)
 
 VALIDATION_SEED = 0   # the same validation subset for every run, so sweeps compare like with like
 ONLINE_K = 20         # k of the per-epoch online kNN when eval.k is `auto`
@@ -63,21 +63,11 @@ def online_knn(memory, level_labels: dict[str, torch.Tensor], val_idx: torch.Ten
     k = min(cfg.eval.k if isinstance(cfg.eval.k, int) else ONLINE_K, n - 1)
     lo, hi = memory.offset, memory.offset + len(memory)
     shard_labels = {lv: lab[lo:hi] for lv, lab in level_labels.items()}
-    val = gather_memory_rows(memory.bank, lo, val_idx, ctx)
+    val = replicate_rows(memory.bank, lo, val_idx, ctx)
     preds = sharded_knn_predict_multi(val, memory.bank, shard_labels, lo, [k], cfg.eval_sigma,
                                       _num_classes(level_labels), ctx, exclude=val_idx)
     return {f"online_knn_top1/{lv}": float((preds[(lv, k)].cpu() == lab[val_idx]).float().mean())
             for lv, lab in level_labels.items()}
-
-
-def gather_memory_rows(shard: torch.Tensor, offset: int, rows: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """The memory rows `rows` (global indices), which live on their owners: each rank fills the
-    rows it owns, a sum over ranks assembles them (len(rows) x d: small)."""
-    out = torch.zeros(len(rows), shard.shape[1], dtype=shard.dtype, device=shard.device)
-    local = rows.to(shard.device) - offset
-    mine = (local >= 0) & (local < len(shard))
-    out[mine] = shard[local[mine]]
-    return ctx.all_reduce_sum(out)
 
 
 def eval_variants(cfg: Config) -> list[tuple[str, Config]]:

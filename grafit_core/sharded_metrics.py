@@ -144,13 +144,9 @@ def sharded_choose_k(shard, labels_per_level, offset, val_indices_global, candid
     if val.numel() and (int(val.min()) < 0 or int(val.max()) >= n_total):
         raise ValueError(f"val_indices_global must lie in [0, {n_total})")
     levels = list(labels_per_level)
-    mine = (val >= offset) & (val < offset + n_local)
-    rows = torch.zeros(val.numel(), shard.shape[1], device=dev)
-    rows[mine] = shard[val[mine] - offset].float()  # _normalise casts to float first anyway
-    labs = torch.zeros(len(levels), val.numel(), dtype=torch.long, device=dev)
-    for i, lvl in enumerate(levels):
-        labs[i, mine] = labels_per_level[lvl].to(dev).long()[val[mine] - offset]
-    rows, labs = ctx.all_reduce_sum(rows), ctx.all_reduce_sum(labs)
+    rows = replicate_rows(shard.float(), offset, val, ctx)   # _normalise casts to float first anyway
+    local_labels = torch.stack([labels_per_level[lvl].to(dev).long() for lvl in levels], dim=1)
+    labs = replicate_rows(local_labels, offset, val, ctx).t()
     ks = sorted(set(candidates))
     preds = sharded_knn_predict_multi(rows, shard, labels_per_level, offset, ks, sigma, num_classes,
                                       ctx, chunk_size=chunk_size, exclude=val)
@@ -162,6 +158,16 @@ def sharded_choose_k(shard, labels_per_level, offset, val_indices_global, candid
 
 
 # ------------------------------------------------------------------ retrieval AP
+
+def replicate_rows(local: torch.Tensor, offset: int, rows: torch.Tensor, ctx) -> torch.Tensor:
+    """The global `rows` of a sharded tensor on every rank: each owner writes its rows, the others
+    add exact zeros, one all-reduce sums them (len(rows) x ...: meant for small row sets)."""
+    out = torch.zeros(len(rows), *local.shape[1:], dtype=local.dtype, device=local.device)
+    idx = rows.to(local.device) - offset
+    mine = (idx >= 0) & (idx < len(local))
+    out[mine] = local[idx[mine]]
+    return ctx.all_reduce_sum(out)
+
 
 def _sharded_chunk_ap(scores, relevant, ctx):
     """(q,) float64 AP of a chunk whose columns are this shard's rows.

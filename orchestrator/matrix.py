@@ -61,22 +61,29 @@ def to_csv(per_method: dict, train_levels: list[str], test_levels: list[str]) ->
     return buf.getvalue()
 
 
+def artifacts(matrices: dict, train_levels: list[str], test_levels: list[str]):
+    """Yield (name, CSV text or figure) for every matrix: the CSV, a heatmap per method, Fig. 3 lines."""
+    for metric, per_method in matrices.items():
+        yield f"{metric}.csv", to_csv(per_method, train_levels, test_levels)
+        for method, rows in per_method.items():
+            yield f"heatmap_{metric}_{method}.png", figures.heatmap(rows, train_levels, test_levels,
+                                                                   f"{method}: {metric} (%)")
+        if per_method:
+            yield f"levels_{metric}.png", figures.level_lines(per_method, train_levels, test_levels[-1], metric)
+
+
 def log_matrices(uri: str, run_id: str, matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
     """Everything the parent run shows: metrics, JSON, CSVs, heatmaps, Fig. 3 lines."""
     c = tracking.client(uri)
     tracking.log_metrics(uri, run_id, flat_metrics(matrices))
     c.log_dict(run_id, {"train_levels": train_levels, "test_levels": test_levels, "matrices": matrices},
                "matrices/matrices.json")
-    for metric, per_method in matrices.items():
-        c.log_text(run_id, to_csv(per_method, train_levels, test_levels), f"matrices/{metric}.csv")
-        for method, rows in per_method.items():
-            fig = figures.heatmap(rows, train_levels, test_levels, f"{method}: {metric} (%)")
-            c.log_figure(run_id, fig, f"figures/heatmap_{metric}_{method}.png")
-            figures.plt.close(fig)
-        if per_method:
-            fig = figures.level_lines(per_method, train_levels, test_levels[-1], metric)
-            c.log_figure(run_id, fig, f"figures/levels_{metric}.png")
-            figures.plt.close(fig)
+    for name, item in artifacts(matrices, train_levels, test_levels):
+        if isinstance(item, str):
+            c.log_text(run_id, item, f"matrices/{name}")
+        else:
+            c.log_figure(run_id, item, f"figures/{name}")
+            figures.plt.close(item)
 
 
 def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -> str:

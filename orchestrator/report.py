@@ -53,23 +53,19 @@ def report(uri: str, ref: str, out_dir: str) -> list[str]:
 def _matrix_report(c, rid: str, out_dir: str) -> list[str]:
     data = json.load(open(c.download_artifacts(rid, "matrices/matrices.json", out_dir)))
     train_levels, test_levels, matrices = data["train_levels"], data["test_levels"], data["matrices"]
-    written = []
     for metric, per_method in matrices.items():
         for method, rows in per_method.items():
             print(f"\n== {metric} (%) of {method}: rows = training level, columns = test level ==")
             print(matrix.format_matrix(rows, train_levels, test_levels))
-            fig = figures.heatmap(rows, train_levels, test_levels, f"{method}: {metric} (%)")
-            written.append(os.path.join(out_dir, f"heatmap_{metric}_{method}.png"))
-            fig.savefig(written[-1], dpi=120)
-            figures.plt.close(fig)
-        if per_method:
-            fig = figures.level_lines(per_method, train_levels, test_levels[-1], metric)
-            written.append(os.path.join(out_dir, f"levels_{metric}.png"))
-            fig.savefig(written[-1], dpi=120)
-            figures.plt.close(fig)
-            written.append(os.path.join(out_dir, f"{metric}.csv"))
+    written = []
+    for name, item in matrix.artifacts(matrices, train_levels, test_levels):
+        written.append(os.path.join(out_dir, name))
+        if isinstance(item, str):
             with open(written[-1], "w") as f:
-                f.write(matrix.to_csv(per_method, train_levels, test_levels))
+                f.write(item)
+        else:
+            item.savefig(written[-1], dpi=120)
+            figures.plt.close(item)
     print(f"\nfigures and CSVs written to {out_dir}")
     return written
 
