@@ -6,7 +6,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install browser demo test bench
+.PHONY: install system demo test bench
 
 # pip takes torch/torchvision from local wheels where the machine has them (see requirements.txt)
 $(BIN)/.installed: requirements.txt pyproject.toml
@@ -20,11 +20,13 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/grafit matrix jobs/matrix/omniglot.yaml
 
-# the UI test renders MLflow in headless Chromium (Debian's package; needs root or an existing install)
-browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+# system tools the tests use (Debian packages; needs root or an existing install): headless
+# Chromium renders the MLflow UI, `ss` (iproute2) checks which address each server listens on
+system:
+	@command -v chromium >/dev/null && command -v ss >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium iproute2 >/dev/null)
 
-test: install browser
+test: install system
 	$(BIN)/python -m pytest -q
 
 bench: install

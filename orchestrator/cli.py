@@ -5,6 +5,7 @@
     grafit sweep jobs/sweeps/omniglot_sigma_tau.yaml        # Ray Tune over Train, MLflow parent/child runs
     grafit matrix jobs/matrix/omniglot.yaml                 # coarse-to-fine matrices, heatmaps in MLflow
     grafit ui                                               # the MLflow UI on 127.0.0.1
+    grafit submit jobs/submit/omniglot_train.yaml           # validate here, run on a Ray cluster
 """
 from __future__ import annotations
 
@@ -104,6 +105,12 @@ def connect_ray(address: str | None, num_cpus: int | None):
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
+def checked(path: str, what: str) -> int:
+    """--check: everything was validated without starting Ray."""
+    print(f"{path}: ok ({what}); nothing was started (--check)")
+    return 0
+
+
 def print_levels(metrics: dict, levels: list[str]) -> None:
     rows = [{"test level": lv, **{k.split("/")[0]: v for k, v in metrics.items() if k.endswith(f"/{lv}")}}
             for lv in levels]
@@ -128,6 +135,8 @@ def cmd_train(args) -> int:
     from orchestrator import tracking
     from orchestrator.train import tracked_training
     fingerprint = tracking.dataset_fingerprint(train, query)
+    if args.check:
+        return checked(args.config, f"{cfg.method.name} on {len(train)} images, levels {', '.join(levels)}")
     connect_ray(args.ray_address, args.num_cpus)
     uri = tracking.tracking_uri()
     result = tracked_training(cfg, uri=uri, run_name=args.name or cfg.name, fingerprint=fingerprint,
@@ -182,6 +191,8 @@ def cmd_sweep(args) -> int:
     check_sweep_against_data(cfg, train)
     cfg.sweep.metric = cfg.sweep.metric or f"online_knn_top1/{levels[-1]}"
     fingerprint = tracking.dataset_fingerprint(train, query)
+    if args.check:
+        return checked(args.config, f"sweep over {', '.join(cfg.sweep.space)} on {len(train)} images")
     connect_ray(args.ray_address, args.num_cpus)
     grid, parent = sweep.run_sweep(cfg, fingerprint=fingerprint, storage_path=args.storage_path, finest=levels[-1],
                                    max_failures=args.max_failures)
@@ -218,6 +229,8 @@ def cmd_matrix(args) -> int:
     cells = len(cfg.matrix.methods) * len(cfg.matrix.train_levels)
     print(f"matrix {cfg.name}: {len(cfg.matrix.methods)} methods x {len(cfg.matrix.train_levels)} training levels "
           f"= {cells} cells, tested at {', '.join(levels)}", flush=True)
+    if args.check:
+        return checked(args.config, f"{cells} cells on {len(train)} images")
     connect_ray(args.ray_address, args.num_cpus)
     matrices = {}
 
@@ -249,6 +262,8 @@ def ray_job_parser(sub, name: str, help: str, example: str, storage: str, failur
     p.add_argument("--max-failures", type=int, default=failures,
                    help=f"worker-group restarts from the latest checkpoint before giving up (default {failures})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--check", action="store_true",
+                   help="validate config, flags, data and levels, then exit without starting Ray")
     return p
 
 
@@ -278,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ray_job_parser(sub, "matrix", "coarse-to-fine matrices: every method at every training level",
                        "jobs/matrix/omniglot.yaml", "runs/matrix", 0, "Tune state and cell checkpoints")
     p.set_defaults(func=cmd_matrix)
+
+    from orchestrator.submit import add_parsers
+    add_parsers(sub)                                           # submit, jobs
 
     p = sub.add_parser("evaluate", help="evaluate a trained model on a nested-folder collection (JSON)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (holds train_state.pt)")

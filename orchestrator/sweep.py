@@ -17,7 +17,7 @@ from grafit_core.data import NONE_LEVEL
 from grafit_core.methods import get_method
 from grafit_core.errors import GrafitError
 from orchestrator import tracking
-from orchestrator.train import tracked_training
+from orchestrator.train import storage_uri, tracked_training
 
 
 def tune_space(cfg: Config) -> dict:
@@ -101,7 +101,7 @@ def _fit_tuner(cfg: Config, uri: str, parent: str, fingerprint: str, storage_pat
 
     sw, name = cfg.sweep, cfg.name
     meta = {"uri": uri, "parent_run_id": parent, "fingerprint": fingerprint, "source": cfg.source or "<config>",
-            "storage_path": os.path.abspath(os.path.join(storage_path, "trials")), "name": name,
+            "storage_path": storage_uri(storage_path.rstrip("/") + "/trials"), "name": name,
             "max_failures": max_failures}
     # one report per epoch, then the trial's final report: with max_t = epochs ASHA would stop a
     # surviving trial at its last epoch, before its evaluation and MLflow logging finish
@@ -113,7 +113,7 @@ def _fit_tuner(cfg: Config, uri: str, parent: str, fingerprint: str, storage_pat
     tuner = tune.Tuner(trainable, param_space=tune_space(cfg),
                        tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler,
                                                    num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
-                       run_config=tune.RunConfig(storage_path=os.path.abspath(storage_path), name=name))
+                       run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=name))
     return tuner.fit()
 
 

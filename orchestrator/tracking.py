@@ -117,6 +117,12 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -
         c.log_batch(run_id, metrics=items[i:i + 500])
 
 
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value))
+
+
 def log_dict(uri: str, run_id: str, data: dict, name: str) -> None:
     client(uri).log_dict(run_id, data, name)
 

@@ -37,6 +37,7 @@ def _maybe_kill(spec: str | None, epoch: int, step_in_epoch: int, rank: int) -> 
 
 def train_loop(loop_config: dict) -> dict:
     """The function every Ray Train worker runs."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -62,6 +63,12 @@ def train_loop(loop_config: dict) -> dict:
         restored.to_directory(resume_dir)
 
     run = loop_config.get("mlflow")             # {"uri", "run_id", "max_mb"}: log into this run
+    if run:                                      # where each rank ran: node ids as run tags
+        nodes = [ray.get_runtime_context().get_node_id()] * world
+        if world > 1:
+            dist.all_gather_object(nodes, nodes[0])
+        if ctx.is_main:
+            tracking.set_tags(run["uri"], run["run_id"], {f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
 
     def on_epoch(epoch, stats, save):
         if run and ctx.is_main:                  # per-epoch metrics from rank 0 only
@@ -90,6 +97,11 @@ def train_loop(loop_config: dict) -> dict:
     # Ray keeps the metrics of the last *checkpointed* report; the final metrics travel as the
     # return value of rank 0 (Result.return_value), identical on every rank anyway.
     return {"metrics": result.metrics, "history": result.history, "skipped": result.skipped}
+
+
+def storage_uri(path: str) -> str:
+    """A local folder made absolute (trial actors change directory); s3://, gs://... kept as given."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
@@ -122,7 +134,7 @@ def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpu
                            "kill": os.environ.get(KILL_ENV), "mlflow": mlflow_run},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=os.path.abspath(storage_path), name=name or cfg.name,
+        run_config=RunConfig(storage_path=storage_uri(storage_path), name=name or cfg.name,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on this machine: one head and N worker nodes, each a separate
+# `ray start` with its own temp dir and its share of the CPUs, token authentication on, and the
+# dashboard / job server bound to 127.0.0.1.
+#
+#   cluster/local.sh start [WORKERS]   # default 1 worker node
+#   cluster/local.sh env               # the exports a shell needs to talk to it (eval "$(...)")
+#   cluster/local.sh status
+#   cluster/local.sh stop              # ray stop --force: stops EVERY Ray node of this machine
+#
+# Settings (environment): GRAFIT_CLUSTER_DIR (state: node temp dirs, token, storage; default
+# runs/cluster), RAY_PORT (GCS, 6379), DASHBOARD_PORT (8265), HEAD_CPUS / WORKER_CPUS (default: the
+# cores split evenly over the nodes: logical CPUs of nodes on one machine add up), DASHBOARD_HOST
+# (127.0.0.1; anything else exposes the job server, which runs arbitrary code, to the network).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$(realpath -m "${GRAFIT_CLUSTER_DIR:-$ROOT/runs/cluster}")"
+RAY_PORT="${RAY_PORT:-6379}"
+DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+DASHBOARD_HOST="${DASHBOARD_HOST:-127.0.0.1}"
+# jobs run with the `python` of whoever started the nodes: start them inside the project's venv
+if [[ -z "${VIRTUAL_ENV:-}" && -x "$ROOT/.venv/bin/ray" ]]; then
+  export PATH="$ROOT/.venv/bin:$PATH" VIRTUAL_ENV="$ROOT/.venv"
+fi
+export RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true
+# token authentication: every node, job and client must present this token
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$STATE/auth_token}"
+
+print_env() {
+  echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+  echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT   # job server, for grafit submit / ray job"
+  echo "export GRAFIT_STORAGE=$STATE/storage                   # checkpoints: every node reaches it"
+}
+
+start() {
+  local workers="${1:-1}" nodes cores
+  nodes=$((workers + 1)); cores="$(nproc)"
+  local share=$((cores / nodes)); ((share >= 1)) || share=1
+  local head_cpus="${HEAD_CPUS:-$share}" worker_cpus="${WORKER_CPUS:-$share}"
+  mkdir -p "$STATE/storage"
+  if [[ "$RAY_AUTH_MODE" == token && ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
+    (umask 077 && python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH")
+  fi
+  # Ray keeps unix sockets under the temp dir (107-byte path limit): keep node dirs short
+  local tmp; tmp="$(mktemp -d /tmp/grafit-ray-XXXXXX)"; echo "$tmp" > "$STATE/temp_root"
+  echo "head: $head_cpus CPUs, GCS :$RAY_PORT, dashboard http://$DASHBOARD_HOST:$DASHBOARD_PORT (temp $tmp/n0)"
+  ray start --head --port="$RAY_PORT" --num-cpus="$head_cpus" --num-gpus=0 \
+    --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$DASHBOARD_PORT" \
+    --temp-dir="$tmp/n0" --disable-usage-stats >"$STATE/head.log" 2>&1 \
+    || { cat "$STATE/head.log"; exit 1; }
+  for i in $(seq 1 "$workers"); do
+    echo "worker node $i: $worker_cpus CPUs (temp $tmp/n$i)"
+    ray start --address="127.0.0.1:$RAY_PORT" --num-cpus="$worker_cpus" --num-gpus=0 \
+      --temp-dir="$tmp/n$i" --disable-usage-stats >"$STATE/worker$i.log" 2>&1 \
+      || { cat "$STATE/worker$i.log"; exit 1; }
+  done
+  print_env
+}
+
+stop() {
+  ray stop --force >/dev/null 2>&1 || true
+  if [[ -f "$STATE/temp_root" ]]; then rm -rf "$(cat "$STATE/temp_root")" "$STATE/temp_root"; fi
+  echo "stopped"
+}
+
+case "${1:-}" in
+  start) start "${2:-1}" ;;
+  stop) stop ;;
+  status) ray status --address="127.0.0.1:$RAY_PORT" ;;
+  env) print_env ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
+esac

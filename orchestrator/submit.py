@@ -1,0 +1,236 @@
+"""Jobs on a running Ray cluster: `grafit submit JOB.yaml --address http://HEAD:8265` and
+`grafit jobs list|status|logs|stop`.
+
+A job spec names the grafit command to run on the cluster (train, sweep or matrix), its job file,
+flags, config overrides and Ray runtime environment (see jobs/submit/). A plain job file is also
+accepted and runs as the command its sections imply. Everything is validated here first, with the
+same checks the command itself runs (`--check`), so a bad spec starts nothing on the cluster. The
+project folder is uploaded as the job's working dir; every node must reach the data, the
+checkpoint storage and the MLflow server. The cluster's auth token is sent as a bearer token.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import shlex
+import sys
+import urllib.request
+
+from grafit_core.config import load_config, read_yaml
+from grafit_core.errors import ConfigError, GrafitError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = ("train", "sweep", "matrix")
+SPEC_KEYS = ("kind", "config", "options", "set", "runtime_env", "entrypoint_num_cpus")
+# what never travels with the working dir: environments, local runs and stores
+EXCLUDES = [".git", ".venv", "runs", "mlflow.db", "mlartifacts", "mlruns", "__pycache__", "*.egg-info",
+            ".pytest_cache"]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def load_spec(path: str) -> dict:
+    """The spec as {kind, config (absolute), options, set, runtime_env, entrypoint_num_cpus}."""
+    data = read_yaml(path)
+    if "kind" not in data and "config" not in data:       # a plain job file: run it as it is
+        kind = "matrix" if data.get("matrix") else "sweep" if (data.get("sweep") or {}).get("space") else "train"
+        data = {"kind": kind, "config": os.path.basename(path)}
+    for key in data:
+        if key not in SPEC_KEYS:
+            raise ConfigError(f"{path}: {key}: unknown key (a job spec has {', '.join(SPEC_KEYS)})")
+    if data.get("kind") not in KINDS:
+        raise ConfigError(f"{path}: kind: {data.get('kind')!r} is not one of {', '.join(KINDS)}")
+    if not isinstance(data.get("config"), str):
+        raise ConfigError(f"{path}: config: expected the path of a job file, relative to this spec")
+    for key in ("options", "set", "runtime_env"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping")
+    config = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), data["config"]))
+    if os.path.commonpath([config, ROOT]) != ROOT:
+        raise ConfigError(f"{path}: config: {config} lies outside the project {ROOT}, which is what gets "
+                          f"uploaded to the cluster; move the job file into it")
+    return {"kind": data["kind"], "config": config, "options": dict(data.get("options") or {}),
+            "set": dict(data.get("set") or {}), "runtime_env": dict(data.get("runtime_env") or {}),
+            "entrypoint_num_cpus": data.get("entrypoint_num_cpus", 0)}
+
+
+def command_argv(spec: dict, path: str, storage: str) -> list[str]:
+    """The `grafit` arguments the job runs, with paths made absolute where the cluster needs them."""
+    cfg = load_config(spec["config"], spec["set"])           # errors name the file and key
+    overrides = dict(spec["set"])
+    if cfg.data.root is not None:
+        # a root relative to the job file would resolve inside the uploaded copy: pass it absolute
+        overrides["data.root"] = cfg.data.root
+    argv = [spec["kind"], os.path.relpath(spec["config"], ROOT)]
+    for key, value in spec["options"].items():
+        if key in ("storage_path", "ray_address", "check"):
+            raise ConfigError(f"{path}: options.{key}: set by grafit submit (storage: --storage-path or "
+                              f"GRAFIT_STORAGE)")
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, str(value)]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]     # JSON is YAML: parse_set reads it back
+    return argv + ["--ray-address", "auto", "--storage-path", storage]
+
+
+def check_locally(argv: list[str], path: str) -> None:
+    """Parse the flags with the real parser and run the command's own checks (`--check`)."""
+    from orchestrator.cli import build_parser
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(argv + ["--check"])
+    except SystemExit:
+        msg = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad options"
+        raise ConfigError(f"{path}: options: {msg.split('error: ', 1)[-1]}") from None
+    args.func(args)
+
+
+def storage_path(spec: dict, flag: str | None, path: str) -> str:
+    storage = flag or spec["options"].pop("storage_path", None) or os.environ.get("GRAFIT_STORAGE")
+    if not storage:
+        raise ConfigError(f"{path}: no checkpoint storage: give --storage-path or GRAFIT_STORAGE, a folder "
+                          f"every node reaches (NFS) or a URI such as s3://bucket/grafit")
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def tracking_uri(spec: dict, flag: str | None, path: str) -> str:
+    uri = spec["runtime_env"].get("env_vars", {}).get("MLFLOW_TRACKING_URI") or flag \
+        or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError(f"{path}: no MLflow tracking server: give --mlflow-uri or MLFLOW_TRACKING_URI "
+                          f"(start one with cluster/mlflow_server.sh start)")
+    if uri.startswith("http"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+        except OSError as err:
+            raise GrafitError(f"MLflow server {uri} does not answer ({err}); nothing was submitted") from None
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        raise ConfigError(f"{path}: MLFLOW_TRACKING_URI {uri}: a relative sqlite path would resolve in the "
+                          f"job's working dir on the cluster; use an absolute path or a server")
+    return uri
+
+
+def auth_headers(token_file: str | None) -> dict:
+    """The cluster's token: --token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN") if not token_file else None
+    for candidate in ([token_file] if token_file else
+                      [os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")]):
+        if token or not candidate:
+            continue
+        if os.path.isfile(candidate):
+            token = open(candidate).read().strip()
+        elif token_file:
+            raise GrafitError(f"--token-file {token_file}: no such file")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def client(address: str, token_file: str | None):
+    from ray.job_submission import JobSubmissionClient
+    with explained(address):
+        return JobSubmissionClient(address, headers=auth_headers(token_file))
+
+
+@contextlib.contextmanager
+def explained(address: str):
+    """A refused token or an unreachable job server as one line instead of a traceback."""
+    from ray.exceptions import AuthenticationError
+    try:
+        yield
+    except AuthenticationError as err:
+        raise GrafitError(f"job server {address} refused the request ({str(err).splitlines()[0]}); give the "
+                          f"cluster's token with --token-file, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") from None
+    except ConnectionError as err:
+        raise GrafitError(f"job server {address}: {str(err).splitlines()[0]}") from None
+
+
+async def stream_logs(jobs, job_id: str) -> None:
+    async for lines in jobs.tail_job_logs(job_id):
+        print(lines, end="", flush=True)
+
+
+def cmd_submit(args) -> int:
+    path = args.spec
+    spec = load_spec(path)
+    storage = storage_path(spec, args.storage_path, path)
+    argv = command_argv(spec, path, storage)
+    check_locally(argv, path)                                # nothing is started on a failure
+    uri = tracking_uri(spec, args.mlflow_uri, path)
+    env = dict(spec["runtime_env"])
+    env_vars = {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true",
+                "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", **env.pop("env_vars", {})}
+    runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
+    entrypoint = "python -m orchestrator.cli " + shlex.join(argv)
+    jobs = client(args.address, args.token_file)
+    with explained(args.address):
+        job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                 entrypoint_num_cpus=spec["entrypoint_num_cpus"],
+                                 metadata={"grafit_spec": os.path.relpath(os.path.abspath(path), ROOT)})
+    print(f"submitted {job_id} to {args.address}: {entrypoint}", flush=True)
+    if args.no_wait:
+        print(f"follow it with: grafit jobs logs {job_id} --address {args.address}")
+        return 0
+    try:
+        asyncio.run(stream_logs(jobs, job_id))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. Stop it with: grafit jobs stop {job_id}", file=sys.stderr)
+        return 130
+    status = jobs.get_job_status(job_id)
+    print(f"job {job_id}: {status.value}")
+    return 0 if status.value == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    with explained(args.address):
+        return jobs_action(client(args.address, args.token_file), args)
+
+
+def jobs_action(jobs, args) -> int:
+    if args.action == "list":
+        for job in jobs.list_jobs():
+            print(f"{job.submission_id or job.job_id}  {job.status.value:10s}  {job.entrypoint}")
+        return 0
+    if not args.id:
+        raise GrafitError(f"grafit jobs {args.action}: give the job's submission id")
+    if args.action == "status":
+        print(jobs.get_job_status(args.id).value)
+    elif args.action == "logs":
+        if args.follow:
+            asyncio.run(stream_logs(jobs, args.id))
+        else:
+            print(jobs.get_job_logs(args.id), end="")
+    else:
+        print("stopped" if jobs.stop_job(args.id) else "not running")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    def common(p):
+        p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", DEFAULT_ADDRESS)
+                       if os.environ.get("RAY_ADDRESS", "").startswith("http") else DEFAULT_ADDRESS,
+                       help=f"the cluster's job server (default RAY_ADDRESS if it is a URL, else {DEFAULT_ADDRESS})")
+        p.add_argument("--token-file", default=None,
+                       help="the cluster's auth token (default RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+
+    p = sub.add_parser("submit", help="validate a job spec here, then run it on a Ray cluster's job server")
+    p.add_argument("spec", help="a job spec (jobs/submit/*.yaml) or a plain job file")
+    common(p)
+    p.add_argument("--storage-path", default=None,
+                   help="checkpoints, reachable by every node: a shared folder or s3://... "
+                        "(default: the spec's options.storage_path, else GRAFIT_STORAGE)")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="tracking server the job logs to (default: the spec's env, else MLFLOW_TRACKING_URI)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of streaming logs")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect or stop jobs on a Ray cluster")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"], help="what to do")
+    p.add_argument("id", nargs="?", default=None, help="the job's submission id (not for list)")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    common(p)
+    p.set_defaults(func=cmd_jobs)

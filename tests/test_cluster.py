@@ -1,0 +1,149 @@
+"""A real cluster on this machine: `cluster/local.sh` (head + 1 worker node, 1 CPU each, token
+authentication) and `cluster/mlflow_server.sh` (a real MLflow server), then `grafit submit`.
+
+Teardown runs `ray stop --force`, which stops every Ray node of the machine: this module must not
+share the machine with another Ray that should survive (test modules that use Ray start their own).
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.timeout(600)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
+    ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_"))}
+    env.update({k: str(v) for k, v in ports.items()})
+    env.update(GRAFIT_CLUSTER_DIR=str(state / "ray"), GRAFIT_MLFLOW_DIR=str(state / "mlflow"), HEAD_CPUS="1",
+               WORKER_CPUS="1", RAY_AUTH_TOKEN_PATH=str(state / "ray" / "auth_token"), RAY_USAGE_STATS_ENABLED="0")
+    os.makedirs(state / "ray")
+    info = {"env": env, "state": state, "url": f"http://127.0.0.1:{ports['DASHBOARD_PORT']}",
+            "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}", **ports}
+    try:
+        for script, args in (("local.sh", ["start", "1"]), ("mlflow_server.sh", ["start"])):
+            p = subprocess.run([os.path.join(ROOT, "cluster", script), *args], env=env, capture_output=True,
+                               text=True, timeout=180)
+            assert p.returncode == 0, p.stdout + p.stderr
+        info["token"] = open(env["RAY_AUTH_TOKEN_PATH"]).read().strip()
+        yield info
+    finally:                                    # also when an assertion above or in a test fails
+        subprocess.run([os.path.join(ROOT, "cluster", "mlflow_server.sh"), "stop"], env=env, timeout=120)
+        subprocess.run([os.path.join(ROOT, "cluster", "local.sh"), "stop"], env=env, timeout=120)
+
+
+def grafit(args, env, timeout=420):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def api(cluster, path, token="", data=None):
+    """A request to the job server; returns (status, body)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(cluster["url"] + path, headers=headers,
+                                 data=json.dumps(data).encode() if data is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def submit_env(cluster):
+    return {**cluster["env"], "MLFLOW_TRACKING_URI": cluster["mlflow"],
+            "GRAFIT_STORAGE": str(cluster["state"] / "storage")}
+
+
+def write_spec(tmp_path, **changes):
+    spec = {"kind": "train", "config": os.path.join(ROOT, "jobs", "smoke.yaml"),
+            "options": {"workers": 2, "cpus_per_worker": 1, "name": "e2e"},
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}, **changes}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def job_count(cluster) -> int:
+    status, jobs = api(cluster, "/api/jobs/", cluster["token"])
+    assert status == 200, jobs
+    return len(jobs)
+
+
+def test_submit_trains_on_both_nodes_and_tracks_in_the_mlflow_server(cluster, tmp_path):
+    from mlflow import MlflowClient
+    p = grafit(["submit", write_spec(tmp_path), "--address", cluster["url"]], submit_env(cluster))
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    job_id = re.search(r"submitted (\S+)", p.stdout).group(1)
+    assert f"job {job_id}: SUCCEEDED" in p.stdout
+    status, nodes = api(cluster, "/nodes?view=summary", cluster["token"])
+    assert status == 200
+    alive = {n["raylet"]["nodeId"] for n in nodes["data"]["summary"] if n["raylet"]["state"] == "ALIVE"}
+    assert len(alive) == 2
+
+    client = MlflowClient(cluster["mlflow"])                   # the REST client of the server
+    exp = client.get_experiment_by_name("smoke")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert {tags["ray.node_id.rank0"], tags["ray.node_id.rank1"]} == alive   # one worker on each node
+    table = p.stdout[p.stdout.index("test level"):]
+    for level in ("l0", "l1", "l2"):                           # the printed table is what MLflow holds
+        printed = re.search(rf"^{level}\s+\d+\s+([\d.]+)\s+([\d.]+)", table, re.M)
+        assert float(printed.group(1)) == pytest.approx(100 * run.data.metrics[f"knn_top1/{level}"], abs=0.051)
+        assert float(printed.group(2)) == pytest.approx(100 * run.data.metrics[f"map_cosine/{level}"], abs=0.051)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "embeddings", "metrics.json"} <= artifacts
+    logged = json.load(open(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))))
+    assert logged["metrics"]["knn_top1/l2"] == pytest.approx(run.data.metrics["knn_top1/l2"])
+    assert os.path.isdir(cluster["state"] / "storage" / "e2e")  # checkpoints under the shared storage
+
+
+def test_servers_listen_on_loopback_only(cluster):
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+    for port in (cluster["DASHBOARD_PORT"], cluster["MLFLOW_PORT"]):
+        local = [line.split()[3] for line in out.splitlines() if line.split()[3].endswith(f":{port}")]
+        assert local, f"nothing listens on {port}"
+        assert all(addr == f"127.0.0.1:{port}" for addr in local), local
+
+
+def test_job_server_refuses_a_submission_without_the_token(cluster, tmp_path):
+    before = job_count(cluster)
+    assert api(cluster, "/api/jobs/", data={"entrypoint": "echo hi"})[0] == 401
+    assert api(cluster, "/api/jobs/", token="0" * 64, data={"entrypoint": "echo hi"})[0] == 403
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    p = grafit(["submit", write_spec(tmp_path), "--address", cluster["url"], "--token-file", str(wrong)],
+               submit_env(cluster))
+    assert p.returncode == 2 and "refused" in p.stderr and "Invalid authentication token" in p.stderr, p.stderr
+    assert job_count(cluster) == before
+
+
+def test_bad_spec_is_refused_before_anything_is_submitted(cluster, tmp_path):
+    before = job_count(cluster)
+    p = grafit(["submit", write_spec(tmp_path, set={"method.sigma": -1.0}), "--address", cluster["url"]],
+               submit_env(cluster))
+    assert p.returncode == 2
+    assert "method.sigma" in p.stderr and p.stderr.startswith("grafit: error:"), p.stderr
+    p = grafit(["submit", write_spec(tmp_path, options={"workers": 2, "bogus_flag": 1}), "--address",
+                cluster["url"]], submit_env(cluster))
+    assert p.returncode == 2 and "--bogus-flag" in p.stderr, p.stderr
+    assert job_count(cluster) == before
