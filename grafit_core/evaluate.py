@@ -16,8 +16,8 @@ from grafit_core.config import Config, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.errors import ConfigError, DataError
 from grafit_core.distributed import DistContext
-from grafit_core.sharded_metrics import (replicate_rows, sharded_average_precisions, sharded_choose_k,
-                                         sharded_knn_classify, sharded_knn_predict_multi)
+from grafit_core.sharded_metrics import (replicate_rows, sharded_choose_k, sharded_evaluate_pass,
+                                         sharded_knn_predict_multi)
 
 VALIDATION_SEED = 0   # the same validation subset for every run, so sweeps compare like with like
 ONLINE_K = 20         # k of the per-epoch online kNN when eval.k is `auto`
@@ -90,63 +90,71 @@ def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, q
              query_logits=None) -> dict[str, float]:
     """Every metric at every test level from one set of embeddings, for every evaluation-only
     variant (sweep.eval_grid). `shard` holds the collection's rows [offset, offset + len(shard))
-    (all of it in one process); queries are replicated. Cosine and oracle mAP depend on no
-    evaluation-only value: they are computed once."""
+    (all of it in one process); queries are replicated. k is chosen first (leave-one-out on the
+    validation subset); then ONE pass over the collection (sharded_evaluate_pass) scores each
+    chunk of queries once and derives kNN top-1 for every (level, k, sigma) and the AP of every
+    level under cosine, conditioned (per distinct p_c) and oracle ranking."""
     level = cfg.data.train_level
     levels = list(dict.fromkeys(test_levels + ([level] if level != NONE_LEVEL else [])))
     lo, hi = offset, offset + len(shard)
     bank_labels = {lv: torch.as_tensor(train.labels_at(lv))[lo:hi] for lv in levels}
     query_labels = {lv: torch.as_tensor(query.labels_at(lv)) for lv in levels}
     nc = {lv: train.num_classes(lv) for lv in levels}
-    data = (shard, offset, len(train), bank_labels, query_labels, nc, ctx)
-
-    def retrieval(lv, probs=None):
-        return sharded_average_precisions(queries, query_labels[lv], shard, bank_labels[lv], offset, ctx,
-                                          shard_coarse=None if probs is None else bank_labels[level],
-                                          query_coarse_probs=probs)
-
+    plans = _plans(cfg, shard, offset, len(train), bank_labels, levels, nc, ctx)
+    votes = {(lv, chosen[lv], sigma) for _, sigma, chosen in plans for lv in test_levels}
+    rankings: dict = {"cosine": None}
+    if level != NONE_LEVEL:
+        rankings["oracle"] = ("probs", level, F.one_hot(query_labels[level], nc[level]).float())
+        if query_logits is not None:         # p_c: the head's softmax (CE) ...
+            rankings["cond"] = ("probs", level, F.softmax(query_logits.float(), dim=1))
+        for _, sigma, chosen in plans:      # ... or eq. 6 with the training-level labels
+            votes.add((level, chosen[level], sigma))
+            if query_logits is None:
+                rankings[_cond_name(chosen[level], sigma)] = ("knn", level, chosen[level], sigma)
+    preds, aps = sharded_evaluate_pass(queries, shard, offset, bank_labels, query_labels, nc, ctx, votes=votes,
+                                       ap_levels=test_levels, rankings=rankings)
     metrics: dict[str, float] = {}
-    for lv in test_levels:                                 # ====== cosine and oracle ranking ======
-        ap = retrieval(lv)
+    for lv in test_levels:
+        ap = aps[("cosine", lv)]
         metrics[f"map_cosine/{lv}"], metrics[f"map_skipped/{lv}"] = _mean(ap), int(torch.isnan(ap).sum())
         if level != NONE_LEVEL:
-            metrics[f"map_oracle/{lv}"] = _mean(retrieval(lv, F.one_hot(query_labels[level], nc[level]).float()))
-    cond_cache: dict = {}                                  # p_c inputs -> conditioned metrics
-    for suffix, vcfg in eval_variants(cfg):
-        part = _knn_and_conditioned(vcfg, queries, query_logits, test_levels, levels, data, retrieval, cond_cache)
+            metrics[f"map_oracle/{lv}"] = _mean(aps[("oracle", lv)])
+    for suffix, sigma, chosen in plans:
+        part = {}
+        for lv in test_levels:
+            part[f"k/{lv}"] = chosen[lv]
+            part[f"knn_top1/{lv}"] = float((preds[(lv, chosen[lv], sigma)].cpu() == query_labels[lv]).float().mean())
+        if level != NONE_LEVEL:
+            cond = "cond" if query_logits is not None else _cond_name(chosen[level], sigma)
+            coarse = query_logits.argmax(1) if query_logits is not None else preds[(level, chosen[level], sigma)]
+            part[f"coarse_top1/{level}"] = float((coarse.cpu() == query_labels[level]).float().mean())
+            part.update({f"map_cond/{lv}": _mean(aps[(cond, lv)]) for lv in test_levels})
         metrics.update({f"{k}/{suffix}" if suffix else k: v for k, v in part.items()})
     return metrics
 
 
-def _knn_and_conditioned(cfg, queries, query_logits, test_levels, levels, data, retrieval, cond_cache) -> dict:
-    """The metrics that depend on k and the voting sigma: kNN top-1 (eq. 6) and conditioned mAP (eq. 5).
-    Conditioned mAP depends only on p_c: variants sharing its inputs share its computation."""
-    shard, offset, n, bank_labels, query_labels, nc, ctx = data
-    sigma, level = cfg.eval_sigma, cfg.data.train_level
-    if cfg.eval.k == "auto":          # ====== k per level, leave-one-out on the validation subset ======
-        candidates = [k for k in cfg.eval.k_candidates if k < n] or [n - 1]
-        val_idx = validation_indices(n, cfg.eval.val_size)
-        chosen = {lv: best for lv, (best, _) in
-                  sharded_choose_k(shard, bank_labels, offset, val_idx, candidates, sigma, nc, ctx).items()}
-    else:
-        chosen = {lv: cfg.eval.k for lv in levels}
-    preds = sharded_knn_predict_multi(queries, shard, bank_labels, offset, sorted(set(chosen.values())),
-                                      sigma, nc, ctx)
-    out = {}
-    for lv in test_levels:
-        out[f"k/{lv}"] = chosen[lv]
-        out[f"knn_top1/{lv}"] = float((preds[(lv, chosen[lv])].cpu() == query_labels[lv]).float().mean())
-    if level == NONE_LEVEL:
-        return out
-    key = "head" if query_logits is not None else (chosen[level], sigma)
-    if key not in cond_cache:
-        # p_c: the head's softmax (CE) or eq. 6 with the training-level labels over the memory
-        probs = (F.softmax(query_logits.float(), dim=1) if query_logits is not None else
-                 sharded_knn_classify(queries, shard, bank_labels[level], offset, chosen[level], sigma, nc[level], ctx))
-        cond = {f"coarse_top1/{level}": float((probs.argmax(1).cpu() == query_labels[level]).float().mean())}
-        cond.update({f"map_cond/{lv}": _mean(retrieval(lv, probs)) for lv in test_levels})
-        cond_cache[key] = cond
-    return {**out, **cond_cache[key]}
+def _cond_name(k: int, sigma: float) -> str:
+    return f"cond_k{k}_s{sigma}"
+
+
+def _plans(cfg, shard, offset, n, bank_labels, levels, nc, ctx) -> list[tuple[str, float, dict]]:
+    """(suffix, voting sigma, {level: k}) per evaluation variant; k `auto` is chosen per level by
+    leave-one-out top-1 on the validation subset (one validation pass per distinct setting)."""
+    plans, chosen_by = [], {}
+    for suffix, vcfg in eval_variants(cfg):
+        sigma = vcfg.eval_sigma
+        if vcfg.eval.k == "auto":
+            candidates = [k for k in vcfg.eval.k_candidates if k < n] or [n - 1]
+            key = (tuple(candidates), sigma, vcfg.eval.val_size)
+            if key not in chosen_by:
+                picked = sharded_choose_k(shard, bank_labels, offset, validation_indices(n, vcfg.eval.val_size),
+                                          candidates, sigma, nc, ctx)
+                chosen_by[key] = {lv: best for lv, (best, _) in picked.items()}
+            chosen = chosen_by[key]
+        else:
+            chosen = {lv: vcfg.eval.k for lv in levels}
+        plans.append((suffix, sigma, chosen))
+    return plans
 
 
 def _mean(ap: torch.Tensor) -> float:

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from grafit_core.ap import LabelIndex, Workspace, _ap_from_counts, _count_at_or_above, chunk_ap  # noqa: F401
+
 # Clip coarse probabilities so that log(p / (1 - p)) stays finite (a one-hot p
 # is the oracle of §3.2: it puts the query's coarse class first).
 _P_EPS = 1e-6
@@ -158,38 +160,6 @@ def _pack_relevant(scores, relevant, width, fill, col_start=None):
     return out
 
 
-def _count_at_or_above(thr, scores):
-    """(q, r_max) long: per row, #items whose score is >= each threshold of thr.
-
-    thr is sorted per row (+inf pads allowed). Instead of sorting the N scores
-    we bucket them between the thresholds: bins[i, n] = #thresholds <= score,
-    so the item counts for thresholds 0..bin-1. O(N log R). -inf items count
-    nowhere. Counts of disjoint item sets add up (the sharded path sums them).
-    """
-    q, r_max = thr.shape
-    bins = torch.searchsorted(thr, scores.contiguous(), right=True, out_int32=True)
-    offsets = torch.arange(q, device=bins.device).unsqueeze(1) * (r_max + 1)
-    hist = torch.bincount((bins + offsets).flatten(), minlength=q * (r_max + 1)).view(q, r_max + 1)
-    return hist.flip(1).cumsum(1).flip(1)[:, 1:]
-
-
-def _ap_from_counts(thr, n_rel, n_ge):
-    """(q,) float64 AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r}.
-
-    thr: sorted relevant scores (+inf pads past n_rel); n_ge from _count_at_or_above.
-    NaN where a row has no relevant item.
-    """
-    r_max = thr.shape[1]
-    ap = torch.full((thr.shape[0],), float("nan"), dtype=torch.float64)
-    # #relevant with score >= thr[r] = R - #thresholds strictly below thr[r] (handles ties)
-    rel_ge = n_rel.unsqueeze(1) - torch.searchsorted(thr, thr, right=False)
-    valid = torch.arange(r_max, device=thr.device).unsqueeze(0) < n_rel.unsqueeze(1)
-    prec = torch.where(valid, rel_ge.double() / n_ge.clamp(min=1).double(), 0.0)
-    has_rel = n_rel > 0
-    ap[has_rel.cpu()] = (prec.sum(1)[has_rel] / n_rel[has_rel].double()).cpu()
-    return ap
-
-
 def _ap_from_scores(scores, relevant):
     """Exact per-row non-interpolated AP (as sklearn's average_precision_score).
 
@@ -211,12 +181,21 @@ def _coarse_logits(query_coarse_probs):
     return (torch.log(p) - torch.log1p(-p)).float()
 
 
-def _chunk_scores(query, collection, logits, collection_coarse):
-    """float32 scores of normalised query rows vs collection rows, + eq. 5 coarse logits."""
-    scores = query @ collection.T
-    if logits is not None:
-        scores += logits.index_select(1, collection_coarse)
-    return scores
+def score_chunks(query, collection, chunk_size, ws, *, logits=None, collection_coarse=None, exclude=None):
+    """Per chunk of (normalised) queries: (start, float32 scores against `collection`, a whole
+    collection or one shard), + eq. 5's log(p / (1 - p)) of each item's coarse class when logits
+    are given; each query's `exclude` row (an index into `collection`, -1 none) scores -inf.
+    The scores live in a workspace buffer, valid until the next chunk."""
+    dev = query.device
+    for start in range(0, query.shape[0], chunk_size):
+        q = query[start:start + chunk_size]
+        shape = (q.shape[0], collection.shape[0])
+        scores = torch.mm(q, collection.T, out=ws.get("scores", shape, torch.float32, dev))
+        if logits is not None:
+            scores += torch.gather(logits[start:start + q.shape[0]], 1, collection_coarse.expand(shape),
+                                   out=ws.get("coarse", shape, torch.float32, dev))
+        _mask_excluded(scores, exclude, start)
+        yield start, scores
 
 
 def average_precisions(query, query_labels, collection, collection_labels, *, collection_coarse=None,
@@ -228,37 +207,25 @@ def average_precisions(query, query_labels, collection, collection_labels, *, co
     exclude: optional (Q,) long collection row to leave out per query (-1 = none).
     """
     exclude = _check_exclude(exclude, query.shape[0], collection.shape[0])
-    aps = [_ap_from_scores(scores, relevant) for scores, relevant in _scored_chunks(
-        query, query_labels, collection, collection_labels, collection_coarse, query_coarse_probs, exclude,
-        chunk_size)]
-    return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
+    return ranked_aps(query, query_labels, collection, collection_labels, collection_coarse, query_coarse_probs,
+                      exclude, chunk_size, None)
 
 
-def _scored_chunks(query, query_labels, collection, collection_labels, collection_coarse, query_coarse_probs,
-                   exclude, chunk_size):
-    """Per chunk of queries: float32 scores against `collection` (a whole collection or one
-    shard; eq. 5 when coarse probabilities are given) and the relevant mask, with each query's
-    `exclude` row (an index into `collection`, -1 none) removed from both."""
+def ranked_aps(query, query_labels, collection, collection_labels, collection_coarse, query_coarse_probs,
+               exclude, chunk_size, ctx):
+    """average_precisions on this process's collection rows (all of them, or one shard with ctx)."""
     if (collection_coarse is None) != (query_coarse_probs is None):
         raise ValueError("give both coarse labels and query_coarse_probs, or neither")
     dev = query.device
     query, collection = _normalise(query), _normalise(collection).to(dev)
-    query_labels, collection_labels = query_labels.to(dev), collection_labels.to(dev)
-    logits = None
-    if query_coarse_probs is not None:
-        logits = _coarse_logits(query_coarse_probs.to(dev))
-        collection_coarse = collection_coarse.to(dev).long()
-    for start in range(0, query.shape[0], chunk_size):
-        stop = start + chunk_size
-        scores = _chunk_scores(query[start:stop], collection,
-                               None if logits is None else logits[start:stop], collection_coarse)
-        relevant = query_labels[start:stop].unsqueeze(1) == collection_labels.unsqueeze(0)
-        if exclude is not None:
-            ex = exclude[start:stop].to(dev)
-            rows = (ex >= 0).nonzero(as_tuple=True)[0]
-            relevant[rows, ex[rows]] = False
-            _mask_excluded(scores, exclude, start)
-        yield scores, relevant
+    index, labels, ws = LabelIndex(collection_labels).to(dev), query_labels.to(dev), Workspace()
+    logits = None if query_coarse_probs is None else _coarse_logits(query_coarse_probs.to(dev))
+    coarse = None if collection_coarse is None else collection_coarse.to(dev).long()
+    aps = [chunk_ap(scores, labels[start:start + len(scores)], index, ctx=ctx, ws=ws,
+                    exclude=None if exclude is None else exclude[start:start + len(scores)])
+           for start, scores in score_chunks(query, collection, chunk_size, ws, logits=logits,
+                                             collection_coarse=coarse, exclude=exclude)]
+    return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
 
 
 def retrieval_map(query, query_labels, collection, collection_labels, *, collection_coarse=None,

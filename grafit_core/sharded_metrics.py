@@ -16,18 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from grafit_core.ap import LabelIndex, Workspace, chunk_ap
 from grafit_core.memory import shard_bounds
-from grafit_core.metrics import (
-    _ap_from_counts,
-    _check_exclude,
-    _count_at_or_above,
-    _mask_excluded,
-    _normalise,
-    _pack_relevant,
-    _scored_chunks,
-    _vote,
-    knn_top1,
-)
+from grafit_core.metrics import (_check_exclude, _coarse_logits, _mask_excluded, _normalise, _vote, knn_top1,
+                                 ranked_aps, score_chunks)
 
 
 # the memory's layout: one definition for training and evaluation
@@ -81,19 +73,27 @@ def _sharded_knn_scan(query, shard, labels, offset, kmax, chunk_size, exclude, c
     local_ex = _localise(exclude, offset, n_local)
     lab = torch.stack([x.to(dev).long() for x in labels]) if labels else \
         torch.zeros(0, n_local, dtype=torch.long, device=dev)
-    k_local = min(kmax, n_local)
     for start in range(0, query.shape[0], chunk_size):
         sims = query[start:start + chunk_size] @ shard.T
         _mask_excluded(sims, local_ex, start)  # only the owner of the row masks it
-        top_sims, top_idx = sims.topk(k_local, dim=1)
-        pad = kmax - k_local
-        top_sims = F.pad(top_sims, (0, pad), value=float("-inf"))
-        top_lab = F.pad(lab[:, top_idx], (0, pad), value=0)  # (L, q, kmax)
-        q, width = top_sims.shape[0], ctx.world_size * kmax
-        cand_sims = ctx.all_gather_cat(top_sims[None]).permute(1, 0, 2).reshape(q, width)
-        cand_lab = ctx.all_gather_cat(top_lab[None]).permute(1, 2, 0, 3).reshape(len(lab), q, width)
-        merged, idx = cand_sims.topk(kmax, dim=1)  # sorted: column 0 is the global max
-        yield start, merged, cand_lab.gather(2, idx.expand(len(lab), -1, -1))
+        yield (start, *_merged_topk(sims, lab, kmax, ctx))
+
+
+def _merged_topk(sims, lab, kmax, ctx):
+    """(top_sims (q, kmax) sorted, top_labels (L, q, kmax)) over all shards from this shard's
+    sims (q, n_local) and labels (L, n_local): each shard's local top-k, gathered, re-ranked.
+    The global top-k is within the union of the local ones, so the merge is exact; shards
+    shorter than kmax pad with -inf sims, which never reach the merged top-k."""
+    k_local = min(kmax, sims.shape[1])
+    top_sims, top_idx = sims.topk(k_local, dim=1)
+    pad = kmax - k_local
+    top_sims = F.pad(top_sims, (0, pad), value=float("-inf"))
+    top_lab = F.pad(lab[:, top_idx], (0, pad), value=0)  # (L, q, kmax)
+    q, width = top_sims.shape[0], ctx.world_size * kmax
+    cand_sims = ctx.all_gather_cat(top_sims[None]).permute(1, 0, 2).reshape(q, width)
+    cand_lab = ctx.all_gather_cat(top_lab[None]).permute(1, 2, 0, 3).reshape(len(lab), q, width)
+    merged, idx = cand_sims.topk(kmax, dim=1)  # sorted: column 0 is the global max
+    return merged, cand_lab.gather(2, idx.expand(len(lab), -1, -1))
 
 
 def sharded_knn_classify(query, shard, shard_labels, offset, k, sigma, num_classes, ctx, *,
@@ -169,29 +169,6 @@ def replicate_rows(local: torch.Tensor, offset: int, rows: torch.Tensor, ctx) ->
     return ctx.all_reduce_sum(out)
 
 
-def _sharded_chunk_ap(scores, relevant, ctx):
-    """(q,) float64 AP of a chunk whose columns are this shard's rows.
-
-    AP needs, per relevant score s_r, #relevant >= s_r and #items >= s_r over the
-    whole bank. The relevant scores of all shards (O(q * R)) are replicated and
-    sorted into thresholds; each shard counts its own items at or above each
-    threshold and the counts are summed. Nothing of size N leaves a worker.
-    """
-    counts = ctx.all_gather_cat(relevant.sum(dim=1)[None])  # (W, q) #relevant per shard
-    n_rel = counts.sum(dim=0)
-    r_max = int(n_rel.max()) if scores.shape[0] else 0
-    if r_max == 0:  # same n_rel on every rank: all skip the remaining collectives
-        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
-    # Rank r writes its relevant scores after those of ranks < r; other cells are 0,
-    # so the sum is exact (x + 0 == x) and holds every relevant score exactly once.
-    col_start = counts[:ctx.rank].sum(dim=0)
-    thr = ctx.all_reduce_sum(_pack_relevant(scores, relevant, r_max, 0.0, col_start))
-    pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
-    thr = thr.masked_fill(pads, float("inf")).sort(dim=1).values  # as the single-process path
-    n_ge = ctx.all_reduce_sum(_count_at_or_above(thr, scores))
-    return _ap_from_counts(thr, n_rel, n_ge)
-
-
 def sharded_average_precisions(query, query_labels, shard, shard_labels, offset, ctx, *,
                                shard_coarse=None, query_coarse_probs=None, chunk_size=256,
                                exclude=None):
@@ -200,13 +177,15 @@ def sharded_average_precisions(query, query_labels, shard, shard_labels, offset,
     Relevant = same fine label; NaN for a query with no relevant item on any shard.
     shard_coarse / query_coarse_probs: eq. 5 conditioning (both or neither).
     exclude: optional (Q,) GLOBAL collection row to leave out per query (-1 = none).
+    Per chunk, the relevant scores of all shards (O(q x R)) are replicated and sorted into
+    thresholds; each shard counts its own items at or above each and the counts are summed
+    (grafit_core.ap.chunk_ap). Nothing of size N leaves a worker.
     """
     n_local = shard.shape[0]
     n_total = _global_size(n_local, offset, ctx, query.device)
     local_ex = _localise(_check_exclude(exclude, query.shape[0], n_total), offset, n_local)
-    aps = [_sharded_chunk_ap(scores, relevant, ctx) for scores, relevant in _scored_chunks(
-        query, query_labels, shard, shard_labels, shard_coarse, query_coarse_probs, local_ex, chunk_size)]
-    return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
+    return ranked_aps(query, query_labels, shard, shard_labels, shard_coarse, query_coarse_probs, local_ex,
+                      chunk_size, ctx)
 
 
 def sharded_retrieval_map(query, query_labels, shard, shard_labels, offset, ctx, *,
@@ -217,3 +196,52 @@ def sharded_retrieval_map(query, query_labels, shard, shard_labels, offset, ctx,
                                      query_coarse_probs=query_coarse_probs, chunk_size=chunk_size)
     aps = aps[~torch.isnan(aps)]
     return aps.mean().item() if aps.numel() else math.nan
+
+
+# ------------------------------------------------------------- every metric at once
+
+def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_classes, ctx, *, votes,
+                          ap_levels, rankings, chunk_size=256):
+    """Every evaluation metric from ONE score matrix per chunk of queries, not one pass per metric.
+
+    shard_labels / query_labels: {level: labels}. votes: {(level, k, sigma)} of eq. 6, all from
+    one merged top-max(k). rankings: {name: None (cosine) | ("probs", level, (Q, C) p_c) |
+    ("knn", level, k, sigma)}: eq. 5 conditioned on a given p_c, or on the eq. 6 votes of the same
+    chunk. ap_levels: the levels whose AP is computed under every ranking.
+    Returns ({(level, k, sigma): (Q,) predicted labels}, {(ranking, level): (Q,) float64 AP}).
+    """
+    dev, n_local = query.device, shard.shape[0]
+    n_total = _global_size(n_local, offset, ctx, dev)
+    query, shard = _normalise(query), _normalise(shard).to(dev)
+    lab = {lv: x.to(dev).long() for lv, x in shard_labels.items()}
+    qlab = {lv: x.to(dev).long() for lv, x in query_labels.items()}
+    index = {lv: LabelIndex(lab[lv], num_classes[lv]).to(dev) for lv in ap_levels}
+    needed = set(votes) | {tuple(r[1:]) for r in rankings.values() if r is not None and r[0] == "knn"}
+    if any(s <= 0 for _, _, s in needed):
+        raise ValueError("sigma must be > 0")
+    vote_levels = sorted({lv for lv, _, _ in needed})
+    kmax = min(max((k for _, k, _ in needed), default=0), n_total)
+    given = {name: _coarse_logits(r[2].to(dev)) for name, r in rankings.items() if r is not None and r[0] == "probs"}
+    preds = {v: torch.empty(query.shape[0], dtype=torch.long, device=dev) for v in votes}
+    aps = {(name, lv): [] for name in rankings for lv in ap_levels}
+    ws = Workspace()
+    stacked = torch.stack([lab[lv] for lv in vote_levels]) if vote_levels else None
+    for start, scores in score_chunks(query, shard, chunk_size, ws):
+        stop = start + scores.shape[0]
+        probs = {}
+        if needed:
+            sims, labs = _merged_topk(scores, stacked, kmax, ctx)
+            for lv, k, sigma in needed:
+                probs[(lv, k, sigma)] = _vote(sims, labs[vote_levels.index(lv)], min(k, kmax), sigma, num_classes[lv])
+            for v in votes:
+                preds[v][start:stop] = probs[v].argmax(dim=1)
+        for name, r in rankings.items():
+            ranked = scores
+            if r is not None:
+                logits = given[name][start:stop] if r[0] == "probs" else _coarse_logits(probs[tuple(r[1:])])
+                shape, dt = scores.shape, scores.dtype
+                coarse = torch.gather(logits, 1, lab[r[1]].expand(shape), out=ws.get("coarse", shape, dt, dev))
+                ranked = torch.add(scores, coarse, out=ws.get("ranked", shape, dt, dev))
+            for lv in ap_levels:
+                aps[(name, lv)].append(chunk_ap(ranked, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws))
+    return preds, {key: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for key, v in aps.items()}

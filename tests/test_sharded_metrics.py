@@ -22,6 +22,7 @@ from grafit_core.sharded_metrics import (
     sharded_choose_k,
     sharded_knn_classify,
     sharded_knn_predict_multi,
+    sharded_evaluate_pass,
     sharded_retrieval_map,
 )
 from gloo import run_gloo
@@ -153,9 +154,35 @@ def _bytes_moved(ctx):
     return logs
 
 
+def pass_problem():
+    """Two levels (fine 6 classes, coarse = fine // 2), for the one-pass evaluation."""
+    q, ql, coll, cl, _, probs, _ = ap_problem()
+    q, ql, probs = q[4:], ql[4:], probs[4:, :3]           # labels present in the collection
+    cl = cl.clamp(max=5)
+    return q, {"fine": ql, "coarse": ql // 2}, coll, {"fine": cl, "coarse": cl // 2}, probs
+
+
+PASS_VOTES = {("fine", 1, SIGMA), ("fine", 5, SIGMA), ("coarse", 5, 0.5), ("coarse", 40, SIGMA)}
+
+
+def pass_rankings(qlabels, probs):
+    return {"cosine": None, "given": ("probs", "coarse", probs),
+            "oracle": ("probs", "coarse", F.one_hot(qlabels["coarse"], 3).float()),
+            "knn": ("knn", "coarse", 5, 0.5)}
+
+
+def pass_worker(ctx, chunk_size=7):
+    q, ql, coll, cl, probs = pass_problem()
+    lo, _, own = _mine(ctx, N)
+    preds, aps = sharded_evaluate_pass(q, coll[own], lo, {lv: x[own] for lv, x in cl.items()}, ql,
+                                       NUM_CLASSES, ctx, votes=PASS_VOTES, ap_levels=["fine", "coarse"],
+                                       rankings=pass_rankings(ql, probs), chunk_size=chunk_size)
+    return {"preds": preds, "aps": aps}
+
+
 def worker(ctx):
     """Everything in one spawn per world size: starting W processes costs seconds."""
-    return {"knn": knn_worker(ctx), "ap": ap_worker(ctx), "bytes": _bytes_moved(ctx)}
+    return {"knn": knn_worker(ctx), "ap": ap_worker(ctx), "bytes": _bytes_moved(ctx), "pass": pass_worker(ctx)}
 
 
 _RESULTS = {}
@@ -268,6 +295,25 @@ def test_sharded_average_precisions_equal_single_process(world_size):
     if world_size == 3:
         np.testing.assert_allclose(got["tiny"].numpy(), average_precisions(q, ql, coll[:2], cl[:2]).numpy(),
                                    rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_one_pass_evaluation_equals_the_metric_by_metric_functions(world_size):
+    """Every kNN prediction and every AP (cosine, given p_c, oracle, p_c from the pass's own
+    votes) from one score matrix per chunk equal the single-purpose reference functions."""
+    q, ql, coll, cl, probs = pass_problem()
+    got = pass_worker(DistContext()) if world_size == 1 else _run(world_size)[0]["pass"]
+    for lv, k, sigma in PASS_VOTES:
+        ref = knn_predict_multi(q, coll, {lv: cl[lv]}, [k], sigma, NUM_CLASSES)[(lv, k)]
+        assert torch.equal(got["preds"][(lv, k, sigma)], ref), (lv, k, sigma)
+    knn_probs = knn_classify(q, coll, cl["coarse"], 5, 0.5, 3)
+    for name, p in [("cosine", None), ("given", probs), ("oracle", F.one_hot(ql["coarse"], 3).float()),
+                    ("knn", knn_probs)]:
+        for lv in ("fine", "coarse"):
+            ref = average_precisions(q, ql[lv], coll, cl[lv], collection_coarse=None if p is None else cl["coarse"],
+                                     query_coarse_probs=p)
+            np.testing.assert_allclose(got["aps"][(name, lv)].numpy(), ref.numpy(), rtol=0, atol=1e-6,
+                                       err_msg=f"{name} {lv}")
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -1,0 +1,185 @@
+"""Exact average precision from scores, without sorting the N scores of a row (paper §4.1:
+category-level retrieval mAP, as sklearn's average_precision_score, ties included).
+
+Per query, AP needs, for each of its R relevant items, #relevant and #items scoring at or above
+it. The relevant scores are gathered through a label index (O(R), never a Q x N mask), sorted
+into thresholds, and every item is counted against them in O(1) per item (`_count_at_or_above`).
+With a ctx (grafit_core.distributed) the items are one shard of the collection: the thresholds
+and the counts are summed over shards, O(q x R) per chunk, never O(N).
+"""
+import math
+
+import torch
+
+
+class LabelIndex:
+    """The rows of a collection grouped by label: a query's relevant items are one slice."""
+
+    def __init__(self, labels, num_classes=None):
+        labels = torch.as_tensor(labels).long()
+        n = max(int(labels.max()) + 1 if labels.numel() else 0, num_classes or 0)
+        labels = torch.where(labels < 0, n, labels)     # a negative label is nobody's match: last
+        self.order = torch.argsort(labels, stable=True)
+        self.size = torch.bincount(labels, minlength=n + 1)[:n]
+        self.start = torch.cumsum(self.size, 0) - self.size
+
+    def to(self, device):
+        for name in ("order", "size", "start"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def relevant_pairs(index, query_labels, exclude=None):
+    """(rows, cols, n_rel): every (query, collection row) with the same label, rows ascending;
+    `exclude` (q,) drops that collection row of each query (-1 none)."""
+    ql = query_labels.long()
+    known = (ql >= 0) & (ql < len(index.size))   # a label the collection lacks has no relevant row
+    ql = torch.where(known, ql, 0)
+    sizes = torch.where(known, index.size[ql], 0) if len(index.size) else torch.zeros_like(ql)
+    rows = torch.repeat_interleave(torch.arange(len(ql), device=ql.device), sizes)
+    first = torch.cumsum(sizes, 0) - sizes
+    pos = torch.arange(rows.numel(), device=ql.device) - first[rows]
+    cols = index.order[index.start[ql][rows] + pos] if rows.numel() else rows
+    if exclude is not None:
+        keep = cols != exclude.to(cols.device)[rows]
+        rows, cols = rows[keep], cols[keep]
+        sizes = torch.bincount(rows, minlength=len(ql))
+    return rows, cols, sizes
+
+
+def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None):
+    """(q,) float64 AP of each row of `scores` (this process's columns of the collection).
+
+    With ctx (world_size > 1) each rank holds a shard: rank r writes its relevant scores after
+    those of ranks < r into zeros and one all-reduce gives every threshold exactly once
+    (x + 0 == x); the counts at or above are summed the same way.
+    """
+    rows, cols, n_local = relevant_pairs(index, query_labels, exclude)
+    sharded = ctx is not None and ctx.distributed
+    if sharded:
+        counts = ctx.all_gather_cat(n_local[None])             # (W, q) #relevant per shard
+        n_rel, col_start = counts.sum(dim=0), counts[:ctx.rank].sum(dim=0)
+    else:
+        n_rel, col_start = n_local, torch.zeros_like(n_local)
+    r_max = int(n_rel.max()) if scores.shape[0] else 0
+    if r_max == 0:           # the same n_rel on every rank: all skip the remaining collectives
+        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
+    first = torch.cumsum(n_local, 0) - n_local
+    pos = torch.arange(rows.numel(), device=rows.device) - first[rows] + col_start[rows]
+    thr = scores.new_zeros(scores.shape[0], r_max)
+    thr[rows, pos] = scores.reshape(-1)[rows * scores.shape[1] + cols]
+    if sharded:
+        thr = ctx.all_reduce_sum(thr)
+    pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
+    thr = thr.masked_fill(pads, float("inf")).sort(dim=1).values
+    n_ge = _count_at_or_above(thr, scores, ws)
+    if sharded:
+        n_ge = ctx.all_reduce_sum(n_ge)
+    return _ap_from_counts(thr, n_rel, n_ge)
+
+
+class Workspace:
+    """Scratch tensors reused from chunk to chunk: a fresh q x N tensor per chunk costs more in
+    page faults than the arithmetic done in it."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, name, shape, dtype, device):
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+def _count_at_or_above(thr, scores, ws=None):
+    """(q, r_max) long: per row, #items whose score is >= each threshold of thr.
+
+    thr is sorted per row (+inf pads allowed). Each item needs #thresholds <= its
+    score (its "slot"); a histogram of slots then gives every count. Instead of a
+    binary search per item, the range [min, max] of a row's thresholds is cut into
+    uniform bins (the same float ops for items and thresholds, so the bin order never
+    contradicts the score order): an item in a bin without threshold takes its slot
+    from a per-bin lookup table (one gather), and only the few items sharing a bin
+    with a threshold are compared exactly. Exact, ties included; -inf items count
+    nowhere. Counts of disjoint item sets add up (the sharded path sums them).
+    """
+    q, r_max = thr.shape
+    slots = _slots(thr, scores, ws or Workspace())
+    hist = torch.zeros(q, r_max + 1, dtype=torch.int32, device=scores.device)
+    hist.scatter_add_(1, slots, torch.ones(1, dtype=torch.int32, device=scores.device).expand_as(slots))
+    return hist.flip(1).cumsum(1).flip(1)[:, 1:].long()
+
+
+def _slots(thr, scores, ws):
+    """(q, n) int64 #finite thresholds <= each score (thr sorted per row, +inf pads)."""
+    q, r_max = thr.shape
+    dev = scores.device
+    finite = torch.isfinite(thr)
+    n_thr = finite.sum(dim=1, keepdim=True)
+    # enough bins that few items share one with a threshold; the table stays far below q x N
+    bins = min(1 << 16, max(1024, 1 << (32 * r_max - 1).bit_length()), max(1024, scores.shape[1] // 4))
+    lo = torch.where(n_thr > 0, thr[:, :1], 0.0)                              # the smallest threshold
+    hi = torch.where(n_thr > 0, thr.gather(1, (n_thr - 1).clamp(min=0)), 0.0)  # the largest finite one
+    inv = bins / (hi - lo).clamp(min=1e-12)
+    shift = 1.5 - lo * inv          # bin(lo) = 1: items well below lo land alone in bin 0
+
+    def bin_of(x, out):             # monotone in x (each rounding step is), 0 .. bins + 1
+        return out.copy_(torch.addcmul(shift, x, inv, out=ws.get("f", x.shape, x.dtype, dev)).clamp_(0, bins + 1))
+
+    # per row and bin: #thresholds in lower bins (the slot of an item alone in that bin), or -1
+    # where a threshold shares the bin (those items are resolved exactly below)
+    thr_bins = bin_of(thr.clamp(max=torch.finfo(thr.dtype).max), torch.empty(q, r_max, dtype=torch.long, device=dev))
+    thr_bins = torch.where(finite, thr_bins, bins + 2)
+    per_bin = torch.zeros(q, bins + 3, dtype=torch.long, device=dev)
+    per_bin.scatter_add_(1, thr_bins, torch.ones_like(thr_bins))
+    below = per_bin.cumsum(1) - per_bin                 # #thresholds in lower bins
+    table = below.masked_fill(per_bin > 0, -1)
+    item_bins = bin_of(scores, ws.get("bins", scores.shape, torch.long, dev))
+    slots = torch.gather(table, 1, item_bins, out=ws.get("slots", scores.shape, torch.long, dev))
+    flat = torch.lt(slots, 0, out=ws.get("shared", scores.shape, torch.bool, dev)).view(-1).nonzero().squeeze(1)
+    if flat.numel():
+        # an item sharing a bin with thresholds t_a <= ... <= t_b (contiguous in the sorted row):
+        # one distinct value -> slot = first + count * (s >= t_a); several -> binary search
+        rows = flat // scores.shape[1]
+        cell = rows * per_bin.shape[1] + item_bins.view(-1)[flat]
+        first, count = below.view(-1)[cell], per_bin.view(-1)[cell]
+        t_a = thr.reshape(-1)[rows * r_max + first]
+        t_b = thr.reshape(-1)[rows * r_max + first + count - 1]
+        values = scores.reshape(-1)[flat]
+        found = first + count * (values >= t_a)
+        several = (t_a != t_b).nonzero().squeeze(1)
+        if several.numel():
+            found[several] = _searchsorted_rows(thr, rows[several], values[several])
+        slots.view(-1)[flat] = found
+    return slots
+
+
+def _searchsorted_rows(thr, rows, values):
+    """#thresholds of thr[rows[i]] <= values[i], for a ragged set of (row, value) pairs."""
+    per_row = torch.bincount(rows, minlength=thr.shape[0])
+    width = int(per_row.max())
+    first = torch.cumsum(per_row, 0) - per_row
+    pos = torch.arange(rows.numel(), device=rows.device) - first[rows]   # rows come sorted (nonzero)
+    packed = values.new_full((thr.shape[0], width), float("inf"))
+    packed[rows, pos] = values
+    found = torch.searchsorted(thr, packed, right=True)
+    return found[rows, pos]
+
+
+def _ap_from_counts(thr, n_rel, n_ge):
+    """(q,) float64 AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r}.
+
+    thr: sorted relevant scores (+inf pads past n_rel); n_ge from _count_at_or_above.
+    NaN where a row has no relevant item.
+    """
+    r_max = thr.shape[1]
+    ap = torch.full((thr.shape[0],), float("nan"), dtype=torch.float64)
+    # #relevant with score >= thr[r] = R - #thresholds strictly below thr[r] (handles ties)
+    rel_ge = n_rel.unsqueeze(1) - torch.searchsorted(thr, thr, right=False)
+    valid = torch.arange(r_max, device=thr.device).unsqueeze(0) < n_rel.unsqueeze(1)
+    prec = torch.where(valid, rel_ge.double() / n_ge.clamp(min=1).double(), 0.0)
+    has_rel = n_rel > 0
+    ap[has_rel.cpu()] = (prec.sum(1)[has_rel] / n_rel[has_rel].double()).cpu()
+    return ap
