@@ -7,6 +7,7 @@ dataset (level names, k versus the collection size) are in `check_against_data`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -75,6 +76,7 @@ class EvalConfig:
     sigma: Optional[float] = None             # voting temperature of eq. 6; default: method.sigma
     val_size: int = 1000                      # fixed validation subset of the training collection
     batch_size: int = 512
+    knn_backend: str = "torch"                # torch (exact, the reference) | faiss (faiss-cpu IndexFlatIP)
 
 
 @dataclass
@@ -203,6 +205,10 @@ def validate(cfg: Config) -> Config:
         bad("eval.k", f"must be >= 1, got {e.k}")
     if not e.k_candidates or min(e.k_candidates) < 1:
         bad("eval.k_candidates", "must be a non-empty list of integers >= 1")
+    if e.knn_backend not in ("torch", "faiss"):
+        bad("eval.knn_backend", f"must be torch or faiss, got {e.knn_backend!r}")
+    if e.knn_backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        bad("eval.knn_backend", "faiss is not installed (pip install faiss-cpu), or use torch")
     for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),
                             ("data.num_views", d.num_views, 1), ("data.image_size", d.image_size, 8),
                             ("model.embed_dim", cfg.model.embed_dim, 1), ("eval.val_size", e.val_size, 1)):
@@ -277,7 +283,7 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
 
 
 # ====== sweeps ======
-EVAL_ONLY = ("eval.k", "eval.sigma", "eval.k_candidates")   # change nothing in training
+EVAL_ONLY = ("eval.k", "eval.sigma", "eval.k_candidates", "eval.knn_backend")   # change nothing in training
 NOT_SWEPT = ("name", "source", "sweep", "matrix", "tracking", "data.test_levels", "data.name", "data.root")
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 

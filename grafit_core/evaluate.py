@@ -65,7 +65,8 @@ def online_knn(memory, level_labels: dict[str, torch.Tensor], val_idx: torch.Ten
     shard_labels = {lv: lab[lo:hi] for lv, lab in level_labels.items()}
     val = replicate_rows(memory.bank, lo, val_idx, ctx)
     preds = sharded_knn_predict_multi(val, memory.bank, shard_labels, lo, [k], cfg.eval_sigma,
-                                      _num_classes(level_labels), ctx, exclude=val_idx)
+                                      _num_classes(level_labels), ctx, exclude=val_idx,
+                                      backend=cfg.eval.knn_backend)
     return {f"online_knn_top1/{lv}": float((preds[(lv, k)].cpu() == lab[val_idx]).float().mean())
             for lv, lab in level_labels.items()}
 
@@ -74,7 +75,7 @@ def eval_variants(cfg: Config) -> list[tuple[str, Config]]:
     """("", cfg), then (suffix, config) for each combination of sweep.eval_grid values.
     Suffixes name the values, e.g. "k10_esigma0.1", and are appended to metric keys."""
     grid = cfg.sweep.eval_grid
-    short = {"eval.k": "k", "eval.sigma": "esigma", "eval.k_candidates": "kcand"}
+    short = {"eval.k": "k", "eval.sigma": "esigma", "eval.k_candidates": "kcand", "eval.knn_backend": "knn"}
     out = [("", cfg)]                          # the config's own values, unsuffixed
     for combo in itertools.product(*grid.values()):
         overrides = dict(zip(grid, combo))
@@ -148,7 +149,7 @@ def _plans(cfg, shard, offset, n, bank_labels, levels, nc, ctx) -> list[tuple[st
             key = (tuple(candidates), sigma, vcfg.eval.val_size)
             if key not in chosen_by:
                 picked = sharded_choose_k(shard, bank_labels, offset, validation_indices(n, vcfg.eval.val_size),
-                                          candidates, sigma, nc, ctx)
+                                          candidates, sigma, nc, ctx, backend=vcfg.eval.knn_backend)
                 chosen_by[key] = {lv: best for lv, (best, _) in picked.items()}
             chosen = chosen_by[key]
         else:

@@ -43,10 +43,45 @@ def _mask_excluded(scores, exclude, start):
 
 # --------------------------------------------------------------------- kNN (eq. 6)
 
-def _knn_scan(query, bank, kmax, chunk_size, exclude):
-    """Yield (start, top_sims, top_idx) per chunk: one matmul and one topk each.
+KNN_BACKENDS = ("torch", "faiss")
 
-    top_sims is sorted in decreasing order, so column 0 is the row maximum.
+
+class FaissFlat:
+    """faiss-cpu's exact inner-product index (IndexFlatIP) over normalised rows: the same
+    neighbours as the torch path up to float rounding (its own BLAS blocking; ties may order
+    differently). Optional: `pip install faiss-cpu`."""
+
+    def __init__(self, bank):
+        import faiss
+        self.index = faiss.IndexFlatIP(bank.shape[1])
+        self.index.add(bank.detach().cpu().float().contiguous().numpy())
+
+    def search(self, query, k):
+        sims, idx = self.index.search(query.detach().cpu().float().contiguous().numpy(), k)
+        return torch.from_numpy(sims).to(query.device), torch.from_numpy(idx).long().to(query.device)
+
+
+def local_topk(query, bank, k, exclude, start, backend, index=None):
+    """(sims, idx) of the k best rows of `bank` per (normalised) query row, decreasing; exclude
+    (an index into bank per query, -1 none) never appears. torch: one matmul + topk, the exact
+    reference; faiss: `index` (a FaissFlat of bank), one extra neighbour to drop the excluded."""
+    if backend == "faiss":
+        extra = int(exclude is not None)
+        sims, idx = index.search(query, min(k + extra, bank.shape[0]))
+        if extra:
+            ex = exclude[start:start + query.shape[0]].to(idx.device)
+            sims = sims.masked_fill(idx == ex[:, None], float("-inf"))
+            sims, pos = sims.topk(min(k, sims.shape[1]), dim=1)
+            idx = idx.gather(1, pos)
+        return sims, idx
+    sims = query @ bank.T
+    _mask_excluded(sims, exclude, start)
+    return sims.topk(k, dim=1)
+
+
+def _knn_scan(query, bank, kmax, chunk_size, exclude, backend="torch"):
+    """Yield (start, top_sims, top_idx) per chunk: one matmul and one topk each (or one faiss
+    search). top_sims is sorted in decreasing order, so column 0 is the row maximum.
     """
     if kmax < 1:
         raise ValueError(f"k must be >= 1, got {kmax}")
@@ -55,11 +90,9 @@ def _knn_scan(query, bank, kmax, chunk_size, exclude):
     kmax = min(kmax, bank.shape[0] - (exclude is not None))
     if kmax < 1:
         raise ValueError("the bank has no row left to vote")
+    index = FaissFlat(bank) if backend == "faiss" else None
     for start in range(0, query.shape[0], chunk_size):
-        sims = query[start:start + chunk_size] @ bank.T
-        _mask_excluded(sims, exclude, start)
-        top_sims, top_idx = sims.topk(kmax, dim=1)
-        yield start, top_sims, top_idx
+        yield start, *local_topk(query[start:start + chunk_size], bank, kmax, exclude, start, backend, index)
 
 
 def _vote(top_sims, top_labels, k, sigma, num_classes):
@@ -74,7 +107,8 @@ def _vote(top_sims, top_labels, k, sigma, num_classes):
     return probs / probs.sum(dim=1, keepdim=True)
 
 
-def knn_classify(query, bank, bank_labels, k, sigma, num_classes, *, chunk_size=1024, exclude=None):
+def knn_classify(query, bank, bank_labels, k, sigma, num_classes, *, chunk_size=1024, exclude=None,
+                 backend="torch"):
     """(Q, C) float32 kNN class probabilities of eq. 6 (cosine top-k, exp(cos/sigma) votes).
 
     exclude: optional (Q,) long bank row to leave out per query (-1 = none).
@@ -84,14 +118,14 @@ def knn_classify(query, bank, bank_labels, k, sigma, num_classes, *, chunk_size=
         raise ValueError(f"sigma must be > 0, got {sigma}")
     bank_labels = bank_labels.to(query.device).long()
     out = torch.empty(query.shape[0], num_classes, device=query.device)
-    for start, top_sims, top_idx in _knn_scan(query, bank, k, chunk_size, exclude):
+    for start, top_sims, top_idx in _knn_scan(query, bank, k, chunk_size, exclude, backend):
         probs = _vote(top_sims, bank_labels[top_idx], k, sigma, num_classes)
         out[start:start + probs.shape[0]] = probs
     return out
 
 
 def knn_predict_multi(query, bank, labels_per_level, ks, sigma, num_classes, *, chunk_size=1024,
-                      exclude=None):
+                      exclude=None, backend="torch"):
     """{(level, k): (Q,) predicted labels} from ONE similarity pass and ONE topk(max(ks)).
 
     The neighbours of a smaller k are a prefix of those of max(ks), so every
@@ -102,7 +136,7 @@ def knn_predict_multi(query, bank, labels_per_level, ks, sigma, num_classes, *, 
     labels = {lvl: lab.to(query.device).long() for lvl, lab in labels_per_level.items()}
     preds = {(lvl, k): torch.empty(query.shape[0], dtype=torch.long, device=query.device)
              for lvl in labels for k in ks}
-    for start, top_sims, top_idx in _knn_scan(query, bank, max(ks), chunk_size, exclude):
+    for start, top_sims, top_idx in _knn_scan(query, bank, max(ks), chunk_size, exclude, backend):
         stop = start + top_sims.shape[0]
         for lvl, lab in labels.items():
             top_labels = lab[top_idx]
@@ -121,7 +155,7 @@ def knn_top1(probs_or_pred, labels):
 
 
 def choose_k(bank, labels_per_level, val_indices, candidates=(10, 15, 20, 25, 30), sigma=0.05,
-             num_classes=None, *, chunk_size=1024):
+             num_classes=None, *, chunk_size=1024, backend="torch"):
     """Per level, the k of `candidates` with the best leave-one-out top-1 on val_indices.
 
     Each validation row queries the whole bank minus itself. Ties go to the
@@ -132,7 +166,7 @@ def choose_k(bank, labels_per_level, val_indices, candidates=(10, 15, 20, 25, 30
     val_indices = torch.as_tensor(val_indices, dtype=torch.long)
     ks = sorted(set(candidates))
     preds = knn_predict_multi(bank[val_indices], bank, labels_per_level, ks, sigma, num_classes,
-                              chunk_size=chunk_size, exclude=val_indices)
+                              chunk_size=chunk_size, exclude=val_indices, backend=backend)
     result = {}
     for lvl, lab in labels_per_level.items():
         scores = {k: knn_top1(preds[(lvl, k)], lab[val_indices]) for k in ks}

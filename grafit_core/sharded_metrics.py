@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from grafit_core.ap import LabelIndex, Workspace, chunk_ap
 from grafit_core.memory import shard_bounds
-from grafit_core.metrics import (_check_exclude, _coarse_logits, _mask_excluded, _normalise, _vote, knn_top1,
-                                 ranked_aps, score_chunks)
+from grafit_core.metrics import (FaissFlat, _check_exclude, _coarse_logits, _normalise, _vote, knn_top1,
+                                 local_topk, ranked_aps, score_chunks)
 
 
 # the memory's layout: one definition for training and evaluation
@@ -52,7 +52,7 @@ def _localise(exclude, offset, n_local):
 
 # --------------------------------------------------------------------------- kNN
 
-def _sharded_knn_scan(query, shard, labels, offset, kmax, chunk_size, exclude, ctx):
+def _sharded_knn_scan(query, shard, labels, offset, kmax, chunk_size, exclude, ctx, backend="torch"):
     """Yield (start, top_sims (q, kmax), top_labels (L, q, kmax)) per chunk, as _knn_scan.
 
     The global top-k is within the union of the shards' local top-k, so merging
@@ -73,19 +73,23 @@ def _sharded_knn_scan(query, shard, labels, offset, kmax, chunk_size, exclude, c
     local_ex = _localise(exclude, offset, n_local)
     lab = torch.stack([x.to(dev).long() for x in labels]) if labels else \
         torch.zeros(0, n_local, dtype=torch.long, device=dev)
+    index = FaissFlat(shard) if backend == "faiss" and n_local else None
+    k_local = min(kmax, n_local)
     for start in range(0, query.shape[0], chunk_size):
-        sims = query[start:start + chunk_size] @ shard.T
-        _mask_excluded(sims, local_ex, start)  # only the owner of the row masks it
-        yield (start, *_merged_topk(sims, lab, kmax, ctx))
+        q = query[start:start + chunk_size]
+        if k_local:     # only the owner of an excluded row masks it
+            top = local_topk(q, shard, k_local, local_ex, start, backend, index)
+        else:
+            top = (q.new_zeros(q.shape[0], 0), torch.zeros(q.shape[0], 0, dtype=torch.long, device=dev))
+        yield (start, *_merged_topk(*top, lab, kmax, ctx))
 
 
-def _merged_topk(sims, lab, kmax, ctx):
+def _merged_topk(top_sims, top_idx, lab, kmax, ctx):
     """(top_sims (q, kmax) sorted, top_labels (L, q, kmax)) over all shards from this shard's
-    sims (q, n_local) and labels (L, n_local): each shard's local top-k, gathered, re-ranked.
-    The global top-k is within the union of the local ones, so the merge is exact; shards
-    shorter than kmax pad with -inf sims, which never reach the merged top-k."""
-    k_local = min(kmax, sims.shape[1])
-    top_sims, top_idx = sims.topk(k_local, dim=1)
+    local top-k (q, <= kmax) and labels (L, n_local): gathered, re-ranked. The global top-k is
+    within the union of the local ones, so the merge is exact; shards shorter than kmax pad
+    with -inf sims, which never reach the merged top-k."""
+    k_local = top_sims.shape[1]
     pad = kmax - k_local
     top_sims = F.pad(top_sims, (0, pad), value=float("-inf"))
     top_lab = F.pad(lab[:, top_idx], (0, pad), value=0)  # (L, q, kmax)
@@ -97,7 +101,7 @@ def _merged_topk(sims, lab, kmax, ctx):
 
 
 def sharded_knn_classify(query, shard, shard_labels, offset, k, sigma, num_classes, ctx, *,
-                         chunk_size=1024, exclude=None):
+                         chunk_size=1024, exclude=None, backend="torch"):
     """(Q, C) kNN probabilities of eq. 6, as knn_classify on the concatenated bank.
 
     exclude: optional (Q,) GLOBAL bank row to leave out per query (-1 = none).
@@ -106,13 +110,13 @@ def sharded_knn_classify(query, shard, shard_labels, offset, k, sigma, num_class
         raise ValueError(f"sigma must be > 0, got {sigma}")
     out = torch.empty(query.shape[0], num_classes, device=query.device)
     for start, sims, labs in _sharded_knn_scan(query, shard, [shard_labels], offset, k,
-                                               chunk_size, exclude, ctx):
+                                               chunk_size, exclude, ctx, backend):
         out[start:start + sims.shape[0]] = _vote(sims, labs[0], k, sigma, num_classes)
     return out
 
 
 def sharded_knn_predict_multi(query, shard, shard_labels_per_level, offset, ks, sigma, num_classes,
-                              ctx, *, chunk_size=1024, exclude=None):
+                              ctx, *, chunk_size=1024, exclude=None, backend="torch"):
     """{(level, k): (Q,) predicted labels}, as knn_predict_multi on the concatenated bank."""
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -120,7 +124,7 @@ def sharded_knn_predict_multi(query, shard, shard_labels_per_level, offset, ks, 
     preds = {(lvl, k): torch.empty(query.shape[0], dtype=torch.long, device=query.device)
              for lvl in levels for k in ks}
     scan = _sharded_knn_scan(query, shard, [shard_labels_per_level[lvl] for lvl in levels], offset,
-                             max(ks), chunk_size, exclude, ctx)
+                             max(ks), chunk_size, exclude, ctx, backend)
     for start, sims, labs in scan:
         for lvl, top_labels in zip(levels, labs):
             for k in ks:
@@ -130,7 +134,7 @@ def sharded_knn_predict_multi(query, shard, shard_labels_per_level, offset, ks, 
 
 
 def sharded_choose_k(shard, labels_per_level, offset, val_indices_global, candidates, sigma,
-                     num_classes, ctx, *, chunk_size=1024):
+                     num_classes, ctx, *, chunk_size=1024, backend="torch"):
     """choose_k over the sharded bank: {level: (best_k, {k: top1})}, same on every rank.
 
     The validation rows live on their owners; a (V, d) all-reduce in which each row is
@@ -149,7 +153,7 @@ def sharded_choose_k(shard, labels_per_level, offset, val_indices_global, candid
     labs = replicate_rows(local_labels, offset, val, ctx).t()
     ks = sorted(set(candidates))
     preds = sharded_knn_predict_multi(rows, shard, labels_per_level, offset, ks, sigma, num_classes,
-                                      ctx, chunk_size=chunk_size, exclude=val)
+                                      ctx, chunk_size=chunk_size, exclude=val, backend=backend)
     result = {}
     for i, lvl in enumerate(levels):
         scores = {k: knn_top1(preds[(lvl, k)], labs[i]) for k in ks}
@@ -230,7 +234,7 @@ def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_
         stop = start + scores.shape[0]
         probs = {}
         if needed:
-            sims, labs = _merged_topk(scores, stacked, kmax, ctx)
+            sims, labs = _merged_topk(*scores.topk(min(kmax, n_local), dim=1), stacked, kmax, ctx)
             for lv, k, sigma in needed:
                 probs[(lv, k, sigma)] = _vote(sims, labs[vote_levels.index(lv)], min(k, kmax), sigma, num_classes[lv])
             for v in votes:

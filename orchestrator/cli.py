@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-dir", default="runs/index",
                    help="where the collection's Parquet index is kept and reused (default runs/index)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    p.add_argument("--backend", choices=["torch", "faiss"], default="torch",
+                   help="torch: exact scores of every item (default); faiss: faiss-cpu flat search for the top")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="rebuild tables and figures of a run or experiment from MLflow")

@@ -52,13 +52,29 @@ def build_or_load_index(checkpoint: str, root: str, index_dir: str, cfg, method,
     return coll.paths, z.numpy(), names, path, True
 
 
-def rank(query_z: np.ndarray, bank: np.ndarray, coarse_names: list[str], coarse: str | None, top: int):
-    """Indices of the top items by cosine, or by eq. 5 with a one-hot p_c when a coarse class is given."""
-    scores = bank @ query_z / (np.linalg.norm(bank, axis=1) * np.linalg.norm(query_z) + 1e-12)
+def rank(query_z: np.ndarray, bank: np.ndarray, coarse_names: list[str], coarse: str | None, top: int,
+         backend: str = "torch"):
+    """Indices and scores of the top items by cosine, or by eq. 5 with a one-hot p_c when a coarse
+    class is given (its items first, each part by cosine). torch: exact scores of every item;
+    faiss: an exact inner-product search of the normalised rows for the top only."""
+    unit = bank / (np.linalg.norm(bank, axis=1, keepdims=True) + 1e-12)
+    qz = (query_z / (np.linalg.norm(query_z) + 1e-12)).astype(np.float32)
+    eps = 1e-6
+    logit = np.log(1 - eps) - np.log(eps)         # log(p / (1 - p)) at p = 1 - eps, and its negative
+    mine = np.asarray(coarse_names) == coarse if coarse is not None else np.ones(len(bank), bool)
+    if backend == "faiss":
+        from grafit_core.metrics import FaissFlat
+        order, scores = [], []
+        for part, shift in ((np.flatnonzero(mine), logit), (np.flatnonzero(~mine), -logit)):
+            k = min(top - len(order), len(part))
+            if k > 0:
+                sims, idx = FaissFlat(torch.from_numpy(unit[part])).search(torch.from_numpy(qz[None]), k)
+                order += part[idx[0].numpy()].tolist()
+                scores += (sims[0].numpy() + (shift if coarse is not None else 0.0)).tolist()
+        return np.asarray(order, dtype=np.int64), np.asarray(scores)
+    scores = unit @ qz
     if coarse is not None:
-        eps = 1e-6
-        logit = np.log(1 - eps) - np.log(eps)     # log(p / (1 - p)) at p = 1 - eps, and its negative
-        scores = scores + np.where(np.asarray(coarse_names) == coarse, logit, -logit)
+        scores = scores + np.where(mine, logit, -logit)
     order = np.argsort(-scores, kind="stable")[:top]
     return order, scores[order]
 
@@ -72,6 +88,10 @@ def search(args) -> list[dict]:
         cfg, method, meta = load_trained(args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise GrafitError(f"--checkpoint: {err}") from None
+    if args.backend == "faiss":
+        import importlib.util
+        if importlib.util.find_spec("faiss") is None:
+            raise GrafitError("--backend faiss: faiss is not installed (pip install faiss-cpu)")
     for q in args.query:
         if not os.path.isfile(q):
             raise GrafitError(f"query image {q}: no such file")
@@ -91,7 +111,7 @@ def search(args) -> list[dict]:
         img = img[None] if img.dim() == 2 else img.permute(2, 0, 1)
         with torch.no_grad():
             z = method.embed(tf(img)[None])[0][0].numpy()
-        order, scores = rank(z, bank, coarse_names, args.coarse, args.top)
+        order, scores = rank(z, bank, coarse_names, args.coarse, args.top, args.backend)
         results.append({"query": q, "index": index_path, "index_built": built, "coarse": args.coarse,
                         "results": [{"rank": r + 1, "score": float(s), "path": paths[i],
                                      **{lv: names[lv][i] for lv in levels}}

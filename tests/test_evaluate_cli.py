@@ -95,5 +95,11 @@ def test_search_ranks_the_collection_reuses_its_index_and_conditions_on_a_coarse
     b_cos = [r["path"] for r in first["results"] if r["category"] == "B"]
     assert [r["path"] for r in cond["results"][5:]] == b_cos
 
+    for extra, expected in (([], first), (["--coarse", "A"], cond)):    # faiss flat: the same ranking
+        assert grafit(base + extra + ["--backend", "faiss"]) == 0
+        got = json.loads(capsys.readouterr().out)["results"]
+        assert [r["path"] for r in got] == [r["path"] for r in expected["results"]]
+        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in expected["results"]], atol=1e-5)
+
     assert grafit(base + ["--coarse", "Z"]) == 2
     assert "--coarse 'Z': not a class of level 'category'" in capsys.readouterr().err

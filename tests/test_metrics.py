@@ -241,3 +241,20 @@ def test_ap_chunk_sizes_and_exclude():
         keep = torch.arange(len(coll)) != r
         expected = average_precisions(coll[r:r + 1], cl[r:r + 1], coll[keep], cl[keep])
         assert aps[i].item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_faiss_backend_gives_the_torch_neighbours():
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(21)
+    bank, query = torch.randn(300, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = {"fine": torch.randint(0, 6, (300,), generator=g)}
+    labels["coarse"] = labels["fine"] // 2
+    nc = {"fine": 6, "coarse": 3}
+    for kw in ({}, {"exclude": torch.arange(40) * 7}):
+        q = bank[torch.arange(40) * 7] if kw else query            # leave-one-out: the query is a bank row
+        ref = knn_classify(q, bank, labels["fine"], 10, 0.1, 6, chunk_size=16, **kw)
+        got = knn_classify(q, bank, labels["fine"], 10, 0.1, 6, chunk_size=16, backend="faiss", **kw)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    val = torch.arange(0, 300, 5)
+    assert choose_k(bank, labels, val, (1, 5, 20), 0.1, nc, backend="faiss") == choose_k(bank, labels, val, (1, 5, 20),
+                                                                                      0.1, nc)

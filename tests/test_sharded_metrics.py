@@ -88,6 +88,8 @@ def knn_worker(ctx):
         "probs": sharded_knn_classify(query, shard, mine["fine"], lo, 40, SIGMA, 6, ctx, chunk_size=16),
         "probs_ex": sharded_knn_classify(bank[EXCLUDE_ROWS], shard, mine["fine"], lo, 5, SIGMA, 6, ctx,
                                          chunk_size=2, exclude=EXCLUDE),
+        "preds_faiss": sharded_knn_predict_multi(query, shard, mine, lo, KS, SIGMA, NUM_CLASSES, ctx,
+                                                 backend="faiss"),
         "choose_k": sharded_choose_k(shard, mine, lo, VAL, CANDIDATES, SIGMA, NUM_CLASSES, ctx,
                                      chunk_size=3),
     }
@@ -199,7 +201,7 @@ def _run(world_size):
 def _same_on_every_rank(results, key):
     for res in results[1:]:
         a, b = res[key], results[0][key]
-        if isinstance(a, dict) and key == "preds":
+        if isinstance(a, dict) and key.startswith("preds"):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
         elif isinstance(a, torch.Tensor):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=key)   # NaN == NaN
@@ -251,6 +253,7 @@ def test_sharded_knn_and_choose_k_equal_single_process(world_size):
     assert got["preds"].keys() == preds.keys()
     for key in preds:
         assert torch.equal(got["preds"][key], preds[key]), key
+        assert torch.equal(got["preds_faiss"][key], preds[key]), key       # faiss flat, merged over shards
     torch.testing.assert_close(got["probs"], knn_classify(query, bank, labels["fine"], 40, SIGMA, 6),
                                atol=1e-5, rtol=0)
     expected = knn_classify(bank[EXCLUDE_ROWS], bank, labels["fine"], 5, SIGMA, 6, exclude=EXCLUDE)
