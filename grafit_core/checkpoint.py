@@ -81,6 +81,13 @@ def load(directory: str, ctx, *, method, optimizer, memory: MemoryBank) -> dict:
     return {k: state[k] for k in ("epoch", "step", "history", "fingerprint")}
 
 
+def saved_config(directory: str) -> dict | None:
+    """The config a checkpoint was written with (None for a checkpoint that does not record it)."""
+    path = os.path.join(directory, "train_state.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return (state.get("meta") or {}).get("config")
+
+
 def load_trained(directory: str):
     """(config, method in eval mode, meta) from a checkpoint directory (f and P for inference)."""
     from grafit_core.config import config_from_dict

@@ -190,8 +190,8 @@ def validate(cfg: Config) -> Config:
     m, o, e, d = cfg.method, cfg.optim, cfg.eval, cfg.data
     if m.sigma <= 0:
         bad("method.sigma", f"must be > 0, got {m.sigma}")
-    if not 0.0 <= m.tau_base <= 1.0:
-        bad("method.tau_base", f"must be in [0, 1], got {m.tau_base}")
+    if not 0.0 <= m.tau_base < 1.0:         # tau = 1 would freeze the target network at its init
+        bad("method.tau_base", f"must be in [0, 1), got {m.tau_base}")
     if m.tau_schedule not in ("cosine", "constant"):
         bad("method.tau_schedule", f"must be cosine or constant, got {m.tau_schedule!r}")
     for key in ("w_knn", "w_inst", "w_ce"):
@@ -366,3 +366,40 @@ def to_dict(cfg: Config) -> dict:
     out = dataclasses.asdict(cfg)
     out.pop("source")
     return out
+
+
+# What a checkpoint's config may differ in and still be resumed: more epochs, evaluation-only
+# values, names, tracking, where the data lives and how it is read (never what is trained).
+FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "sweep.", "matrix.", "tracking.",
+                       "data.root", "data.num_workers", "data.options.cache_size", "data.test_levels")
+
+
+def fingerprint_fields(cfg_dict: dict, prefix: str = "") -> dict:
+    """The flattened config values that define a training run (see FINGERPRINT_IGNORES)."""
+    out = {}
+    for key, value in cfg_dict.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(fingerprint_fields(value, dotted + "."))
+        elif not any(dotted == ign or (ign.endswith(".") and dotted.startswith(ign)) for ign in FINGERPRINT_IGNORES):
+            out[dotted] = value
+    return out
+
+
+def config_fingerprint(cfg_dict: dict) -> str:
+    """A short hash of fingerprint_fields: equal for the same training whatever the worker count,
+    the number of epochs or the evaluation-only values."""
+    import hashlib
+    import json
+    blob = json.dumps(fingerprint_fields(cfg_dict), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_resumable(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume a checkpoint written by another config, naming the keys that differ."""
+    a, b = fingerprint_fields(saved), fingerprint_fields(current)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:5])
+        raise ConfigError(f"{where}: the checkpoint was written by another config ({shown}"
+                          f"{'; ...' if len(diff) > 5 else ''}); use another run name, or the same config")

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from grafit_core import checkpoint
-from grafit_core.config import Config, to_dict, with_overrides
+from grafit_core.config import Config, check_resumable, config_fingerprint, to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
@@ -123,8 +123,15 @@ def train_one_epoch(method: Method, loader: DataLoader, optimizer, memory: Memor
             group["lr"] = lr
         views, labels, indices = views.to(ctx.device), labels.to(ctx.device), indices.to(ctx.device)
         loss, parts, z_mean = method.training_step(views, labels, indices, memory)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: {parts}")
+        # every rank learns that some rank's loss is not finite (an all-reduced flag), so all stop
+        # at the same step with the same message instead of one raising and the others hanging
+        bad = ctx.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch + 1}, step {i + 1} of the epoch, on {int(bad.item())} of "
+                f"{ctx.world_size} worker(s); training stopped, the checkpoint of epoch {epoch} is the last good "
+                f"one: lower optim.base_lr or raise method.sigma, then resume from it (this worker's losses: "
+                f"{', '.join(f'{k}={v:.4g}' for k, v in parts.items())})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -188,7 +195,13 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
                          device=ctx.device))
     history, step, first_epoch = [], 0, 0
     torch.manual_seed(cfg.seed + 1000 * ctx.rank)               # augmentation stream per rank
+    meta = {"config": to_dict(with_overrides(cfg, {"method.name": method_name or cfg.method.name})),
+            "in_channels": int(channels), "num_classes": int(labels.max()) + 1}
+    fingerprint = config_fingerprint(meta["config"])
     if resume_from:
+        saved = checkpoint.saved_config(resume_from)
+        if saved is not None:
+            check_resumable(saved, meta["config"], resume_from)
         state = checkpoint.load(resume_from, ctx, method=method, optimizer=optimizer, memory=memory)
         history, step, first_epoch = state["history"], state["step"], state["epoch"]
         if ctx.is_main:
@@ -197,8 +210,6 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
         z0, _ = embed_sharded(method, train, cfg, ctx, eval_tf)
         memory.fill(torch.arange(memory.offset, memory.offset + len(z0)), z0)
 
-    meta = {"config": to_dict(with_overrides(cfg, {"method.name": method_name or cfg.method.name})),
-            "in_channels": int(channels), "num_classes": int(labels.max()) + 1}
     levels = test_levels or []
     level_labels = {lv: torch.as_tensor(train.labels_at(lv)) for lv in levels}
     val_idx = validation_indices(len(train), cfg.eval.val_size)
@@ -216,7 +227,7 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
         if on_epoch is not None:
             def save(directory, _epoch=epoch + 1):
                 checkpoint.save(directory, ctx, method=method, optimizer=optimizer, memory=memory,
-                                epoch=_epoch, step=step, history=history, meta=meta)
+                                epoch=_epoch, step=step, history=history, fingerprint=fingerprint, meta=meta)
             on_epoch(epoch + 1, stats, save)
     return method, eval_tf, history, memory
 

@@ -104,6 +104,23 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def check_checkpoint(cfg: Config, storage_path: str, name: str) -> None:
+    """Rerunning a name resumes its latest checkpoint: refuse here, not in the workers, when that
+    checkpoint was written by another config (errors name the keys that differ)."""
+    from grafit_core.checkpoint import saved_config
+    from grafit_core.config import check_resumable
+    run_dir = os.path.join(storage_path, name)
+    if "://" in storage_path or not os.path.isdir(run_dir):
+        return
+    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")
+                   and os.path.exists(os.path.join(run_dir, d, "train_state.pt")))
+    if found:
+        latest = os.path.join(run_dir, found[-1])
+        saved = saved_config(latest)
+        if saved is not None:
+            check_resumable(saved, to_dict(cfg), latest)
+
+
 def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
     """A shortfall makes Ray wait forever for a placement group: refuse it up front instead."""
     import ray
@@ -124,6 +141,7 @@ def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpu
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_checkpoint(cfg, storage_path, name or cfg.name)     # before any cluster resource is taken
     check_resources(workers, cpus_per_worker, gpus_per_worker)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}

@@ -1,4 +1,5 @@
 """Checkpoints: resuming is bitwise the uninterrupted run; memory files reshard to another worker count."""
+import math
 import os
 
 import pytest
@@ -111,3 +112,67 @@ def ce_with_tiny_query(ctx, job):
 def test_empty_query_shard_does_not_hang_the_gather():
     results = run_gloo(ce_with_tiny_query, 3, {**JOB, "optim": {"epochs": 1, "batch_size": 12}})
     assert results[0] == results[1] == results[2] and "map_cond/l2" in results[0]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_but_not_more_epochs(tmp_path):
+    from grafit_core.config import config_fingerprint, to_dict, with_overrides
+    from grafit_core.errors import ConfigError
+    cfg = config_from_dict({**JOB, "optim": {"epochs": 1, "batch_size": 16}})
+    train, query = prepare_data(cfg.data)
+    fit(cfg, train, query, on_epoch=saving(str(tmp_path)), log=lambda s: None)
+    other = with_overrides(cfg, {"method.sigma": 0.2, "model.embed_dim": 16})
+    with pytest.raises(ConfigError, match=r"epoch1: the checkpoint was written by another config "
+                                          r"\(method.sigma: 0.05 in the checkpoint, 0.2 now\)"):
+        fit(other, train, query, resume_from=str(tmp_path / "epoch1"), log=lambda s: None)
+    longer = with_overrides(cfg, {"optim.epochs": 2, "eval.k": 3, "name": "renamed"})
+    res = fit(longer, train, query, resume_from=str(tmp_path / "epoch1"), log=lambda s: None)
+    assert [h["epoch"] for h in res.history] == [1, 2]
+    assert config_fingerprint(to_dict(cfg)) == config_fingerprint(to_dict(longer))
+    assert config_fingerprint(to_dict(cfg)) != config_fingerprint(to_dict(other))
+
+
+def test_ray_run_with_a_changed_config_is_refused_before_ray_starts(tmp_path):
+    pytest.importorskip("ray")
+    from grafit_core.config import with_overrides
+    from grafit_core.errors import ConfigError
+    from orchestrator.train import run_training
+    cfg = config_from_dict({**JOB, "optim": {"epochs": 1, "batch_size": 16}})
+    train, query = prepare_data(cfg.data)
+    ckpt = tmp_path / "runs" / "job" / "checkpoint_2026-01-01_00-00-00.000000"
+    fit(cfg, train, query, on_epoch=lambda e, s, save: save(str(ckpt)), log=lambda s: None)
+    with pytest.raises(ConfigError, match="method.tau_base: 0.99 in the checkpoint, 0.9 now"):
+        run_training(with_overrides(cfg, {"method.tau_base": 0.9}), workers=1, storage_path=str(tmp_path / "runs"),
+                     name="job")                   # no ray.init in this test: refused before any Ray call
+
+
+def _nan_on_one_rank(ctx, root):
+    """Rank 1's loss turns NaN at its 6th step (epoch 2): both ranks must stop there, together."""
+    from grafit_core.methods import base
+    orig, calls = base.Method.training_step, {"n": 0}
+
+    def step(self, *args):
+        loss, parts, z = orig(self, *args)
+        calls["n"] += 1
+        return (loss * float("nan") if ctx.rank == 1 and calls["n"] == 6 else loss), parts, z
+
+    base.Method.training_step = step
+    cfg = config_from_dict(JOB)
+    train, query = prepare_data(cfg.data)
+    try:
+        fit(cfg, train, query, ctx, on_epoch=saving(root), log=lambda s: None)
+    except FloatingPointError as err:
+        return str(err)
+    return "no error"
+
+
+def test_a_nan_loss_on_one_worker_stops_every_worker_and_keeps_the_last_checkpoint(tmp_path):
+    messages = run_gloo(_nan_on_one_rank, 2, str(tmp_path))
+    shared = [m.split(" (this worker")[0] for m in messages]
+    assert shared[0] == shared[1]                             # same step, same words, nobody hangs
+    assert messages[0].startswith("non-finite loss at epoch 2, step 2 of the epoch, on 1 of 2 worker(s)")
+    assert "the checkpoint of epoch 1 is the last good one" in messages[0]
+    assert sorted(os.listdir(tmp_path)) == ["epoch1"]
+    cfg = config_from_dict(JOB)                               # and it resumes
+    train, query = prepare_data(cfg.data)
+    res = fit(cfg, train, query, resume_from=str(tmp_path / "epoch1"), log=lambda s: None)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3] and all(math.isfinite(h["loss"]) for h in res.history)

@@ -39,6 +39,7 @@ def test_defaults_overrides_and_relative_root(tmp_path):
     ("method: {sigma: -0.5}\n", "method.sigma"),
     ("method: {tau_base: 1.5}\n", "method.tau_base"),
     ("method: {tau_base: -0.1}\n", "method.tau_base"),
+    ("method: {tau_base: 1.0}\n", "method.tau_base"),
     ("eval: {k: 0}\n", "eval.k"),
     ("eval: {k: many}\n", "eval.k"),
     ("eval: {sigma: 0}\n", "eval.sigma"),
@@ -63,7 +64,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 
 def test_tau_bounds_are_inclusive(tmp_path):
-    assert load_config(write(tmp_path, "method: {tau_base: 1.0}\n")).method.tau_base == 1.0
+    assert load_config(write(tmp_path, "method: {tau_base: 0.9999}\n")).method.tau_base == 0.9999
     assert load_config(write(tmp_path, "method: {tau_base: 0}\n")).method.tau_base == 0.0
 
 

@@ -120,6 +120,17 @@ def test_cifar100_malformed_files(tmp_path):
         f.write(b"not a pickle")
     with pytest.raises(DataError, match="cannot read .*train"):
         load_cifar100(folder)
+    marker = tmp_path / "executed"
+
+    class Payload:                       # what a malicious file does: call a function on load
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    with open(path, "wb") as f:
+        pickle.dump({b"data": Payload()}, f, protocol=2)
+    with pytest.raises(DataError, match="refusing to load posix.mkdir"):
+        load_cifar100(folder)
+    assert not marker.exists()
 
 
 # ====== iNaturalist ======

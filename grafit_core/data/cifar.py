@@ -31,14 +31,28 @@ def _folder(root: str) -> str:
     return nested if os.path.isdir(nested) else root
 
 
+class _DataOnly(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a pickle naming any other callable (the way a
+    malicious file runs code) is refused instead of executed."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"), ("copyreg", "_reconstructor"),
+               ("builtins", "object")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not plain data)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"CIFAR-100: missing file {path}")
     try:
         with open(path, "rb") as f:
             # The official pickles were written by Python 2: bytes keys, latin1 strings.
-            return pickle.load(f, encoding="bytes")
-    except Exception as e:  # a truncated or foreign file: say which one
+            return _DataOnly(f, encoding="bytes").load()
+    except Exception as e:  # a truncated, foreign or unsafe file: say which one
         raise DataError(f"CIFAR-100: cannot read {path}: {e}") from e
 
 
