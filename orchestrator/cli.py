@@ -137,8 +137,9 @@ def cmd_train(args) -> int:
     fingerprint = tracking.dataset_fingerprint(train, query)
     if args.check:
         return checked(args.config, f"{cfg.method.name} on {len(train)} images, levels {', '.join(levels)}")
-    connect_ray(args.ray_address, args.num_cpus)
     uri = tracking.tracking_uri()
+    tracking.check_server(uri)
+    connect_ray(args.ray_address, args.num_cpus)
     result = tracked_training(cfg, uri=uri, run_name=args.name or cfg.name, fingerprint=fingerprint,
                               workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                               gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
@@ -193,6 +194,7 @@ def cmd_sweep(args) -> int:
     fingerprint = tracking.dataset_fingerprint(train, query)
     if args.check:
         return checked(args.config, f"sweep over {', '.join(cfg.sweep.space)} on {len(train)} images")
+    tracking.check_server(tracking.tracking_uri())
     connect_ray(args.ray_address, args.num_cpus)
     grid, parent = sweep.run_sweep(cfg, fingerprint=fingerprint, storage_path=args.storage_path, finest=levels[-1],
                                    max_failures=args.max_failures)
@@ -231,6 +233,7 @@ def cmd_matrix(args) -> int:
           f"= {cells} cells, tested at {', '.join(levels)}", flush=True)
     if args.check:
         return checked(args.config, f"{cells} cells on {len(train)} images")
+    tracking.check_server(tracking.tracking_uri())
     connect_ray(args.ray_address, args.num_cpus)
     matrices = {}
 

@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import sys
-import urllib.request
 
 from grafit_core.config import load_config, read_yaml
 from grafit_core.errors import ConfigError, GrafitError
@@ -105,14 +104,11 @@ def tracking_uri(spec: dict, flag: str | None, path: str) -> str:
     if not uri:
         raise ConfigError(f"{path}: no MLflow tracking server: give --mlflow-uri or MLFLOW_TRACKING_URI "
                           f"(start one with cluster/mlflow_server.sh start)")
-    if uri.startswith("http"):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
-        except OSError as err:
-            raise GrafitError(f"MLflow server {uri} does not answer ({err}); nothing was submitted") from None
-    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raise ConfigError(f"{path}: MLFLOW_TRACKING_URI {uri}: a relative sqlite path would resolve in the "
                           f"job's working dir on the cluster; use an absolute path or a server")
+    from orchestrator.tracking import check_server
+    check_server(uri)
     return uri
 
 

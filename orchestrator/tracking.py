@@ -23,6 +23,20 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
+def check_server(uri: str) -> None:
+    """An MLflow server that does not answer is refused before any training starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+    from grafit_core.errors import GrafitError
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+    except OSError as err:
+        raise GrafitError(f"MLflow tracking server {uri} does not answer ({err}); start it "
+                          f"(cluster/mlflow_server.sh start) or point MLFLOW_TRACKING_URI elsewhere; "
+                          f"nothing was started") from None
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=uri)
