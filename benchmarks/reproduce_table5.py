@@ -75,7 +75,7 @@ def summary(results: dict, spec: dict) -> tuple[list, dict]:
             means[label][k] = statistics.mean(vals)
             sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
             row.append(f"{means[label][k]:.1f} ± {sd:.1f}")
-        row.append(f"{statistics.mean(r['train_s'] for r in runs) / 60:.1f}")
+        row.append(f"{statistics.mean(r['cpu_s'] for r in runs) / 60:.1f}")
         table.append(row)
     return table, means
 
@@ -103,6 +103,7 @@ def run(argv=None) -> int:
                         help="results JSON; cells already in it are not run again")
     parser.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     parser.add_argument("--summary", action="store_true", help="print the table from the JSON, train nothing")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     args = parser.parse_args(argv)
     with open(args.spec) as f:
         spec = yaml.safe_load(f)
@@ -118,10 +119,17 @@ def run(argv=None) -> int:
         results[key]["job"] = job
         save(args.output, results)
     table, means = summary(results, spec)
-    head = ["row", "seeds", "epochs"] + [f"{k} %" for k in KEYS] + ["train min"]
-    widths = [max(len(str(r[i])) for r in table + [head]) for i in range(len(head))]
-    for r in [head] + table:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+    # CPU minutes of the process (training + evaluation): robust to other load on the machine
+    head = ["row", "seeds", "epochs"] + [f"{k} %" for k in KEYS] + ["CPU min"]
+    if args.markdown:
+        for i, r in enumerate([head] + table):
+            print("| " + " | ".join(map(str, r)) + " |")
+            if i == 0:
+                print("|" + "---|" * len(r))
+    else:
+        widths = [max(len(str(r[i])) for r in table + [head]) for i in range(len(head))]
+        for r in [head] + table:
+            print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
     print_goals(means)
     return 0
 
