@@ -31,3 +31,90 @@ def test_an_unreachable_mlflow_server_is_refused_before_ray_starts(command, monk
     assert "nothing was started" in err
     assert not ray.is_initialized()
     assert os.listdir(tmp_path) == []
+
+
+BASE = {"name": "reliability",
+        "data": {"name": "synthetic", "train_level": "l0", "augment": "characters", "image_size": 16,
+                 "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
+        "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
+        "optim": {"epochs": 2, "batch_size": 16},
+        "eval": {"val_size": 20, "k_candidates": [3, 5]}}
+
+
+def write_job(tmp_path, **changes):
+    import yaml
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **changes}))
+    return str(path)
+
+
+@pytest.mark.timeout(600)
+def test_a_trial_killed_mid_epoch_is_marked_failed_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from mlflow.tracking import MlflowClient
+    from orchestrator.train import KILL_ENV
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"1:1:0:{marker}")      # the first trial's worker: SIGKILL at step 2 of epoch 1
+    path = write_job(tmp_path, sweep={"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo",
+                                      "max_concurrent": 1})
+    try:
+        rc = grafit(["sweep", path, "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2", "--max-failures", "0"])
+    finally:
+        ray.shutdown()
+    assert marker.exists() and rc == 0                    # one trial failed, the sweep finished
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("reliability").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: r.info.status)
+    assert [r.info.status for r in children] == ["FAILED", "FINISHED"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["best.run_id"] == children[1].info.run_id
+    assert 0 <= children[1].data.metrics["knn_top1/l2"] <= 1
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_driver_resumes_when_the_same_command_is_rerun(tmp_path):
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+    pytest.importorskip("ray")
+    from mlflow.tracking import MlflowClient
+    from grafit_core.config import config_from_dict
+    from grafit_core.data import prepare_data
+    from grafit_core.engine import fit
+    job = write_job(tmp_path, name="driver", optim={"epochs": 4, "batch_size": 16})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "orchestrator.cli", "train", job, "--workers", "1", "--num-cpus", "2",
+           "--storage-path", str(tmp_path / "runs")]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(glob.glob(str(tmp_path / "runs" / "driver" / "checkpoint_*" / "train_state.pt"))) < 2:
+            assert first.poll() is None and time.time() < deadline, "no checkpoint of epoch 2"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)              # the driver and the local Ray it started
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
+                       capture_output=True, timeout=120)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("driver").experiment_id], order_by=["attribute.start_time"])
+    final = runs[-1].data.metrics
+    cfg = config_from_dict({**BASE, "name": "driver", "optim": {"epochs": 4, "batch_size": 16}})
+    import torch
+    torch.set_num_threads(1)                              # as the 1-CPU worker
+    train, query = prepare_data(cfg.data)
+    reference = fit(cfg, train, query, log=lambda s: None).metrics   # the run never interrupted
+    for key in ("knn_top1/l2", "map_cosine/l2", "map_cond/l1", "knn_top1/l0"):
+        assert final[key] == pytest.approx(reference[key], abs=1e-5), key
