@@ -71,7 +71,7 @@ def train_loop(loop_config: dict) -> dict:
             tracking.set_tags(run["uri"], run["run_id"], {f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
 
     def on_epoch(epoch, stats, save):
-        if run and ctx.is_main:                  # per-epoch metrics from rank 0 only
+        if run and ctx.is_main and epoch > run.get("logged_epochs", 0):   # rank 0 only, each epoch once
             tracking.log_metrics(run["uri"], run["run_id"], stats, step=epoch)
         with tempfile.TemporaryDirectory() as tmp:
             save(tmp)
@@ -104,21 +104,24 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint Ray Train wrote under storage_path/name (local folders only)."""
+    if "://" in run_dir or not os.path.isdir(run_dir):
+        return None
+    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")
+                   and os.path.exists(os.path.join(run_dir, d, "train_state.pt")))
+    return os.path.join(run_dir, found[-1]) if found else None
+
+
 def check_checkpoint(cfg: Config, storage_path: str, name: str) -> None:
     """Rerunning a name resumes its latest checkpoint: refuse here, not in the workers, when that
     checkpoint was written by another config (errors name the keys that differ)."""
     from grafit_core.checkpoint import saved_config
     from grafit_core.config import check_resumable
-    run_dir = os.path.join(storage_path, name)
-    if "://" in storage_path or not os.path.isdir(run_dir):
-        return
-    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")
-                   and os.path.exists(os.path.join(run_dir, d, "train_state.pt")))
-    if found:
-        latest = os.path.join(run_dir, found[-1])
-        saved = saved_config(latest)
-        if saved is not None:
-            check_resumable(saved, to_dict(cfg), latest)
+    latest = latest_checkpoint(os.path.join(storage_path, name))
+    saved = saved_config(latest) if latest else None
+    if saved is not None:
+        check_resumable(saved, to_dict(cfg), latest)
 
 
 def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
@@ -166,12 +169,17 @@ def tracked_training(cfg: Config, *, uri: str, run_name: str, fingerprint: str, 
                      **kwargs):
     """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error."""
     experiment = cfg.tracking.experiment or cfg.name
-    run_id = tracking.start_run(uri, experiment, run_name, to_dict(cfg), tracking.provenance(fingerprint),
-                                parent_run_id)
+    storage = storage_uri(kwargs.get("storage_path", "runs/ray")).rstrip("/")
+    storage_key = f"{storage}/{kwargs.get('name') or cfg.name}"
+    run_id, logged = (tracking.resumable_run(uri, experiment, storage_key) if latest_checkpoint(storage_key)
+                      else (None, 0))
+    if run_id is None:
+        run_id = tracking.start_run(uri, experiment, run_name, to_dict(cfg),
+                                    {**tracking.provenance(fingerprint), "grafit.storage": storage_key}, parent_run_id)
     ok = False
     try:
-        result = run_training(cfg, mlflow_run={"uri": uri, "run_id": run_id, "max_mb": cfg.tracking.embeddings_max_mb},
-                              **kwargs)
+        result = run_training(cfg, mlflow_run={"uri": uri, "run_id": run_id, "max_mb": cfg.tracking.embeddings_max_mb,
+                                               "logged_epochs": logged}, **kwargs)
         if result.error is None and cfg.tracking.log_checkpoint and result.checkpoint is not None:
             tracking.client(uri).log_artifacts(run_id, result.checkpoint.path, "checkpoint")
         ok = result.error is None

@@ -109,8 +109,10 @@ def test_a_killed_driver_resumes_when_the_same_command_is_rerun(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
     c = MlflowClient(uri)
-    runs = c.search_runs([c.get_experiment_by_name("driver").experiment_id], order_by=["attribute.start_time"])
-    final = runs[-1].data.metrics
+    (run,) = c.search_runs([c.get_experiment_by_name("driver").experiment_id])   # the same run, continued
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]   # no gap, no repeat
+    final = run.data.metrics
     cfg = config_from_dict({**BASE, "name": "driver", "optim": {"epochs": 4, "batch_size": 16}})
     import torch
     torch.set_num_threads(1)                              # as the 1-CPU worker
