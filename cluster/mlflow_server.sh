@@ -19,6 +19,11 @@ MLFLOW="${MLFLOW:-$ROOT/.venv/bin/mlflow}"
 [[ -x "$MLFLOW" ]] || MLFLOW=mlflow
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 
+# the address clients use: the bound one, or this machine's first address when bound to all
+reach() { if [[ "$HOST" == 0.0.0.0 ]]; then hostname -I 2>/dev/null | awk '{print $1}'; else echo "$HOST"; fi; }
+# never print a database password
+shown_backend() { sed -E 's#//([^:/@]+):[^@]*@#//\1:***@#' <<< "$BACKEND"; }
+
 start() {
   mkdir -p "$DIR/artifacts"
   if [[ -f "$DIR/pid" ]] && kill -0 "$(cat "$DIR/pid")" 2>/dev/null; then
@@ -29,9 +34,9 @@ start() {
     --host "$HOST" --port "$PORT" --workers "${MLFLOW_WORKERS:-2}" >"$DIR/server.log" 2>&1 < /dev/null &
   echo $! > "$DIR/pid"
   for _ in $(seq 1 120); do
-    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then
-      echo "MLflow server on http://$HOST:$PORT (pid $(cat "$DIR/pid"), backend $BACKEND)"
-      echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$PORT"
+    if curl -sf "http://$(reach):$PORT/health" >/dev/null; then
+      echo "MLflow server on http://$HOST:$PORT (pid $(cat "$DIR/pid"), backend $(shown_backend))"
+      echo "export MLFLOW_TRACKING_URI=http://$(reach):$PORT"
       return 0
     fi
     kill -0 "$(cat "$DIR/pid")" 2>/dev/null || { cat "$DIR/server.log"; exit 1; }

@@ -126,7 +126,8 @@ def _slots(thr, scores, ws):
     shift = 1.5 - lo * inv          # bin(lo) = 1: items well below lo land alone in bin 0
 
     def bin_of(x, out):             # monotone in x (each rounding step is), 0 .. bins + 1
-        return out.copy_(torch.addcmul(shift, x, inv, out=ws.get("f", x.shape, x.dtype, dev)).clamp_(0, bins + 1))
+        f = torch.addcmul(shift, x, inv, out=ws.get("f", x.shape, x.dtype, dev)).clamp_(0, bins + 1)
+        return out.copy_(f.nan_to_num_(0.0))    # a NaN score counts nowhere (like -inf), never crashes
 
     # per row and bin: #thresholds in lower bins (the slot of an item alone in that bin), or -1
     # where a threshold shares the bin (those items are resolved exactly below)

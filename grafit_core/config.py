@@ -7,7 +7,6 @@ dataset (level names, k versus the collection size) are in `check_against_data`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import types
 import typing
@@ -109,6 +108,7 @@ class TrackingConfig:
     experiment: Optional[str] = None          # MLflow experiment; default: the job's name
     embeddings_max_mb: float = 256.0          # log the collection's embeddings as Parquet up to this size
     log_checkpoint: bool = True               # log the final checkpoint as an artifact
+    offline_wait_s: float = 600.0             # after training, how long to wait for an unreachable server
 
 
 @dataclass
@@ -207,8 +207,6 @@ def validate(cfg: Config) -> Config:
         bad("eval.k_candidates", "must be a non-empty list of integers >= 1")
     if e.knn_backend not in ("torch", "faiss"):
         bad("eval.knn_backend", f"must be torch or faiss, got {e.knn_backend!r}")
-    if e.knn_backend == "faiss" and importlib.util.find_spec("faiss") is None:
-        bad("eval.knn_backend", "faiss is not installed (pip install faiss-cpu), or use torch")
     for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),
                             ("data.num_views", d.num_views, 1), ("data.image_size", d.image_size, 8),
                             ("model.embed_dim", cfg.model.embed_dim, 1), ("eval.val_size", e.val_size, 1)):

@@ -6,6 +6,7 @@ level on a fixed validation subset of the collection (leave-one-out), never on t
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import numpy as np
@@ -36,6 +37,8 @@ def check_against_data(cfg: Config, train: Collection) -> list[str]:
     if isinstance(cfg.eval.k, int) and cfg.eval.k > len(train) - 1:
         raise ConfigError(f"{src}: eval.k: {cfg.eval.k} is larger than the collection "
                           f"({len(train)} images, {len(train) - 1} neighbours at most)")
+    if cfg.eval.knn_backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        raise ConfigError(f"{src}: eval.knn_backend: faiss is not installed (pip install faiss-cpu), or use torch")
     if cfg.optim.batch_size > len(train):
         raise ConfigError(f"{src}: optim.batch_size: {cfg.optim.batch_size} is larger than the "
                           f"training collection ({len(train)} images)")
@@ -146,7 +149,7 @@ def _plans(cfg, shard, offset, n, bank_labels, levels, nc, ctx) -> list[tuple[st
         sigma = vcfg.eval_sigma
         if vcfg.eval.k == "auto":
             candidates = [k for k in vcfg.eval.k_candidates if k < n] or [n - 1]
-            key = (tuple(candidates), sigma, vcfg.eval.val_size)
+            key = (tuple(candidates), sigma, vcfg.eval.val_size, vcfg.eval.knn_backend)
             if key not in chosen_by:
                 picked = sharded_choose_k(shard, bank_labels, offset, validation_indices(n, vcfg.eval.val_size),
                                           candidates, sigma, nc, ctx, backend=vcfg.eval.knn_backend)

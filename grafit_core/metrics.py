@@ -53,6 +53,7 @@ class FaissFlat:
 
     def __init__(self, bank):
         import faiss
+        faiss.omp_set_num_threads(torch.get_num_threads())   # a Ray worker's share, not every core
         self.index = faiss.IndexFlatIP(bank.shape[1])
         self.index.add(bank.detach().cpu().float().contiguous().numpy())
 

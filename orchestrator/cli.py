@@ -18,7 +18,7 @@ import time
 import yaml
 
 from grafit_core.errors import GrafitError
-from orchestrator.tools import cmd_evaluate, cmd_report, cmd_search, cmd_ui
+from orchestrator.tools import cmd_evaluate, cmd_report, cmd_search, cmd_sync, cmd_ui
 
 
 def parse_set(items: list[str]) -> dict:
@@ -331,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-store-uri", default=None,
                    help="tracking store (default MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sync", help="send the MLflow records a run kept while its server was unreachable")
+    p.add_argument("dir", help="the run's journal folder (printed by the run: <storage>/<name>/mlflow_journal)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to keep retrying (default 60)")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("ui", help="start the MLflow UI (bound to 127.0.0.1 unless --host says otherwise)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import os
 import shlex
 import sys
+
+import yaml
 
 from grafit_core.config import load_config, read_yaml
 from grafit_core.errors import ConfigError, GrafitError
@@ -73,8 +74,14 @@ def command_argv(spec: dict, path: str, storage: str) -> list[str]:
         elif value not in (False, None):
             argv += [flag, str(value)]
     for key, value in overrides.items():
-        argv += ["--set", f"{key}={json.dumps(value)}"]     # JSON is YAML: parse_set reads it back
+        argv += ["--set", f"{key}={yaml_scalar(value)}"]
     return argv + ["--ray-address", "auto", "--storage-path", storage]
+
+
+def yaml_scalar(value) -> str:
+    """One-line YAML that parse_set reads back as the same value (1e-05 stays a float)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text
 
 
 def check_locally(argv: list[str], path: str) -> None:
@@ -91,7 +98,10 @@ def check_locally(argv: list[str], path: str) -> None:
 
 
 def storage_path(spec: dict, flag: str | None, path: str) -> str:
-    storage = flag or spec["options"].pop("storage_path", None) or os.environ.get("GRAFIT_STORAGE")
+    in_spec = spec["options"].pop("storage_path", None)
+    if in_spec and "://" not in in_spec:       # relative to the spec, like its config
+        in_spec = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(in_spec))
+    storage = flag or in_spec or os.environ.get("GRAFIT_STORAGE")
     if not storage:
         raise ConfigError(f"{path}: no checkpoint storage: give --storage-path or GRAFIT_STORAGE, a folder "
                           f"every node reaches (NFS) or a URI such as s3://bucket/grafit")
@@ -99,7 +109,8 @@ def storage_path(spec: dict, flag: str | None, path: str) -> str:
 
 
 def tracking_uri(spec: dict, flag: str | None, path: str) -> str:
-    uri = spec["runtime_env"].get("env_vars", {}).get("MLFLOW_TRACKING_URI") or flag \
+    """--mlflow-uri, else the spec's runtime_env, else MLFLOW_TRACKING_URI."""
+    uri = flag or (spec["runtime_env"].get("env_vars") or {}).get("MLFLOW_TRACKING_URI") \
         or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ConfigError(f"{path}: no MLflow tracking server: give --mlflow-uri or MLFLOW_TRACKING_URI "
@@ -115,14 +126,14 @@ def tracking_uri(spec: dict, flag: str | None, path: str) -> str:
 def auth_headers(token_file: str | None) -> dict:
     """The cluster's token: --token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
     token = os.environ.get("RAY_AUTH_TOKEN") if not token_file else None
-    for candidate in ([token_file] if token_file else
-                      [os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")]):
-        if token or not candidate:
-            continue
-        if os.path.isfile(candidate):
-            token = open(candidate).read().strip()
-        elif token_file:
-            raise GrafitError(f"--token-file {token_file}: no such file")
+    named = token_file or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and named:
+        if not os.path.isfile(named):
+            raise GrafitError(f"{'--token-file' if token_file else 'RAY_AUTH_TOKEN_PATH'} {named}: no such file")
+        token = open(named).read().strip()
+    default = os.path.expanduser("~/.ray/auth_token")
+    if not token and not named and os.path.isfile(default):
+        token = open(default).read().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -158,8 +169,8 @@ def cmd_submit(args) -> int:
     check_locally(argv, path)                                # nothing is started on a failure
     uri = tracking_uri(spec, args.mlflow_uri, path)
     env = dict(spec["runtime_env"])
-    env_vars = {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true",
-                "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", **env.pop("env_vars", {})}
+    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "PYTHONUNBUFFERED": "1", **(env.pop("env_vars", None) or {}), "MLFLOW_TRACKING_URI": uri}
     runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
     entrypoint = "python -m orchestrator.cli " + shlex.join(argv)
     jobs = client(args.address, args.token_file)

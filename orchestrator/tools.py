@@ -90,3 +90,18 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
+
+
+def cmd_sync(args) -> int:
+    """Send the MLflow records a run kept locally while its tracking server was away."""
+    from orchestrator import journal
+    pending = journal.unsent(args.dir)
+    if not pending:
+        print(f"{args.dir}: nothing to send")
+        return 0
+    for path in pending:
+        if not journal.replay(path, args.wait):
+            raise GrafitError(f"{path}: the MLflow server still does not answer after {args.wait:.0f} s; "
+                              f"nothing was lost, run grafit sync again later")
+        print(f"sent {path}")
+    return 0

@@ -159,9 +159,10 @@ def log_dict(uri: str, run_id: str, data: dict, name: str) -> None:
     client(uri).log_dict(run_id, data, name)
 
 
-def log_embeddings(uri: str, run_id: str, shard, offset: int, train, max_mb: float, part: str) -> bool:
+def write_embeddings(shard, offset: int, train, max_mb: float, path: str) -> bool:
     """The collection's embeddings as Parquet with the labels at every level, one row per item;
-    each rank writes the rows it owns as one part file. Skipped above max_mb (whole collection)."""
+    each rank writes the rows it owns as one part file (atomically: temporary name, then rename).
+    Skipped above max_mb (whole collection)."""
     if len(train) * shard.shape[1] * 4 / 2**20 > max_mb:
         return False
     import pyarrow as pa
@@ -170,10 +171,10 @@ def log_embeddings(uri: str, run_id: str, shard, offset: int, train, max_mb: flo
                "embedding": pa.array(shard.cpu().numpy().tolist(), pa.list_(pa.float32()))}
     for level in train.hierarchy.levels:
         columns[f"label_{level}"] = pa.array(train.labels_at(level)[offset:offset + len(shard)], pa.int64())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"{part}.parquet")
-        pq.write_table(pa.table(columns), path)
-        client(uri).log_artifact(run_id, path, "embeddings")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
     return True
 
 

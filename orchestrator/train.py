@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
@@ -19,7 +20,8 @@ import torch
 
 from grafit_core.config import Config, config_from_dict, to_dict
 from grafit_core.errors import GrafitError
-from orchestrator import tracking
+from orchestrator import journal, tracking
+from orchestrator.journal import Journal
 
 # Test hook: "EPOCH:STEP:RANK:MARKER" makes that rank SIGKILL itself at that step of that epoch
 # (1-based epoch), once: the marker file records that it happened (a real process death).
@@ -62,17 +64,24 @@ def train_loop(loop_config: dict) -> dict:
         resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
         restored.to_directory(resume_dir)
 
-    run = loop_config.get("mlflow")             # {"uri", "run_id", "max_mb"}: log into this run
+    run = loop_config.get("mlflow")             # {"uri", "run_id", "max_mb", "journal_dir", ...}
+    # MLflow records go through a journal and a sender thread: a tracking server that is down
+    # delays them, never a training step (the driver replays what is left, orchestrator.journal)
+    mlflow_log = Journal(run["uri"], run["run_id"], os.path.join(run["journal_dir"], f"rank{ctx.rank}.jsonl")) \
+        if run else None
     if run:                                      # where each rank ran: node ids as run tags
         nodes = [ray.get_runtime_context().get_node_id()] * world
         if world > 1:
             dist.all_gather_object(nodes, nodes[0])
         if ctx.is_main:
-            tracking.set_tags(run["uri"], run["run_id"], {f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
+            mlflow_log.set_tags({f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
+
+    # each epoch is logged once, also when this worker group restarts from an older checkpoint
+    logged = max(run.get("logged_epochs", 0), mlflow_log.epochs_logged()) if run else 0
 
     def on_epoch(epoch, stats, save):
-        if run and ctx.is_main and epoch > run.get("logged_epochs", 0):   # rank 0 only, each epoch once
-            tracking.log_metrics(run["uri"], run["run_id"], stats, step=epoch)
+        if run and ctx.is_main and epoch > logged:                           # rank 0 only
+            mlflow_log.log_metrics(stats, step=epoch, epoch=True)
         with tempfile.TemporaryDirectory() as tmp:
             save(tmp)
             ray.train.report(dict(stats), checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -83,17 +92,19 @@ def train_loop(loop_config: dict) -> dict:
     log = print if ctx.is_main else (lambda s: None)
     try:
         result = fit(cfg, train, query, ctx, on_epoch=on_epoch, log=log, resume_from=resume_dir, on_step=on_step)
+        if run and not result.skipped:
+            if ctx.is_main:
+                mlflow_log.log_metrics(result.metrics, step=cfg.optim.epochs)
+                mlflow_log.log_dict({"metrics": result.metrics, "history": result.history}, "metrics.json")
+            start, stop = result.offset, result.offset + len(result.embeddings)
+            part = os.path.join(run["journal_dir"], "staging", f"part-{start:012d}-{stop:012d}.parquet")
+            if tracking.write_embeddings(result.embeddings, result.offset, train, run["max_mb"], part):
+                mlflow_log.log_artifact(part, "embeddings")
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    if run and not result.skipped:
-        if ctx.is_main:
-            tracking.log_metrics(run["uri"], run["run_id"], result.metrics, step=cfg.optim.epochs)
-            tracking.log_dict(run["uri"], run["run_id"], {"metrics": result.metrics, "history": result.history},
-                              "metrics.json")
-        start, stop = result.offset, result.offset + len(result.embeddings)
-        tracking.log_embeddings(run["uri"], run["run_id"], result.embeddings, result.offset, train,
-                                run["max_mb"], f"part-{start:012d}-{stop:012d}")
+        if mlflow_log is not None:
+            mlflow_log.close(run.get("flush_s", 20.0))   # what is still unsent, the driver replays
     # Ray keeps the metrics of the last *checkpointed* report; the final metrics travel as the
     # return value of rank 0 (Result.return_value), identical on every rank anyway.
     return {"metrics": result.metrics, "history": result.history, "skipped": result.skipped}
@@ -167,7 +178,8 @@ def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpu
 
 def tracked_training(cfg: Config, *, uri: str, run_name: str, fingerprint: str, parent_run_id: str | None = None,
                      **kwargs):
-    """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error."""
+    """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error.
+    Rerunning into the same storage path and name continues its unfinished run."""
     experiment = cfg.tracking.experiment or cfg.name
     storage = storage_uri(kwargs.get("storage_path", "runs/ray")).rstrip("/")
     storage_key = f"{storage}/{kwargs.get('name') or cfg.name}"
@@ -176,14 +188,32 @@ def tracked_training(cfg: Config, *, uri: str, run_name: str, fingerprint: str, 
     if run_id is None:
         run_id = tracking.start_run(uri, experiment, run_name, to_dict(cfg),
                                     {**tracking.provenance(fingerprint), "grafit.storage": storage_key}, parent_run_id)
-    ok = False
+    journals = (os.path.join(storage_key, "mlflow_journal") if "://" not in storage_key else
+                os.path.join(tempfile.gettempdir(), "grafit-journal", run_id))
+    ok, checkpoint_dir = False, None
     try:
         result = run_training(cfg, mlflow_run={"uri": uri, "run_id": run_id, "max_mb": cfg.tracking.embeddings_max_mb,
-                                               "logged_epochs": logged}, **kwargs)
-        if result.error is None and cfg.tracking.log_checkpoint and result.checkpoint is not None:
-            tracking.client(uri).log_artifacts(run_id, result.checkpoint.path, "checkpoint")
+                                               "logged_epochs": logged, "journal_dir": journals}, **kwargs)
         ok = result.error is None
+        if ok and cfg.tracking.log_checkpoint and result.checkpoint is not None:
+            checkpoint_dir = result.checkpoint.path
         result.run_id = run_id
         return result
     finally:
-        tracking.end_run(uri, run_id, ok)
+        finish_run(uri, run_id, journals, ok, checkpoint_dir, cfg.tracking.offline_wait_s)
+
+
+def finish_run(uri: str, run_id: str, journals: str, ok: bool, checkpoint_dir: str | None, wait_s: float) -> bool:
+    """After training: send what the workers could not (their journals), then the checkpoint and
+    the run's end, through the driver's own journal, waiting up to wait_s for a server that is away."""
+    left = [p for p in journal.unsent(journals) if os.path.basename(p) != journal.DRIVER
+            and not journal.replay(p, wait_s)]
+    driver = journal.Journal(uri, run_id, os.path.join(journals, journal.DRIVER))
+    if checkpoint_dir:
+        driver.log_artifacts(checkpoint_dir, "checkpoint")
+    driver.end(ok)
+    if driver.close(wait_s) and not left:
+        return True
+    print(f"grafit: the MLflow server {uri} did not come back within {wait_s:.0f} s: run {run_id}'s remaining "
+          f"records are kept in {journals}; send them with: grafit sync {journals}", file=sys.stderr)
+    return False

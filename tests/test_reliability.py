@@ -120,3 +120,91 @@ def test_a_killed_driver_resumes_when_the_same_command_is_rerun(tmp_path):
     reference = fit(cfg, train, query, log=lambda s: None).metrics   # the run never interrupted
     for key in ("knn_top1/l2", "map_cosine/l2", "map_cond/l1", "knn_top1/l0"):
         assert final[key] == pytest.approx(reference[key], abs=1e-5), key
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_server_killed_mid_run_training_goes_on_and_the_records_are_replayed(tmp_path):
+    """The tracking server's process group is SIGKILLed after epoch 1 reached it: training goes on
+    unblocked, the driver gives up waiting (offline_wait_s) and keeps the records; once the server
+    is back, `grafit sync` sends them in order: one FINISHED run, every epoch once, no gap."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+    pytest.importorskip("ray")
+    from mlflow.tracking import MlflowClient
+    port = free_port()
+    senv = {**os.environ, "GRAFIT_MLFLOW_DIR": str(tmp_path / "mlflow"), "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    server = os.path.join(ROOT, "cluster", "mlflow_server.sh")
+    uri = f"http://127.0.0.1:{port}"
+    job = write_job(tmp_path, name="offline", optim={"epochs": 8, "batch_size": 16},
+                    data={**BASE["data"], "options": {"branching": [2, 3, 2], "per_class": 40, "queries_per_class": 2}},
+                    tracking={"offline_wait_s": 3})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "orchestrator.cli", "train", job, "--workers", "1", "--num-cpus", "2",
+           "--storage-path", str(tmp_path / "runs")]
+    try:
+        assert subprocess.run([server, "start"], env=senv, capture_output=True, timeout=180).returncode == 0
+        run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        c = MlflowClient(uri)
+        deadline = time.time() + 300
+        while True:                                       # epoch 1 has reached the server
+            assert run.poll() is None and time.time() < deadline, "epoch 1 never reached MLflow"
+            exp = c.get_experiment_by_name("offline")
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            if runs and c.get_metric_history(runs[0].info.run_id, "loss"):
+                break
+            time.sleep(0.2)
+        run_id = runs[0].info.run_id
+        pid = int(open(tmp_path / "mlflow" / "pid").read())
+        os.killpg(pid, signal.SIGKILL)                    # the server and its workers, mid-run
+        killed_at = time.time()
+        out, _ = run.communicate(timeout=400)
+        assert run.returncode == 0, out[-3000:]
+        checkpoints = glob.glob(str(tmp_path / "runs" / "offline" / "checkpoint_*"))
+        assert len(checkpoints) >= 2                      # epochs went on with the server gone
+        assert "grafit sync" in out and time.time() - killed_at < 200
+        journals = str(tmp_path / "runs" / "offline" / "mlflow_journal")
+        assert subprocess.run([server, "start"], env=senv, capture_output=True, timeout=180).returncode == 0
+        sync = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sync", journals], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        final = c.get_run(run_id)
+        assert final.info.status == "FINISHED"
+        assert [m.step for m in c.get_metric_history(run_id, "loss")] == list(range(1, 9))
+        assert 0 <= final.data.metrics["knn_top1/l2"] <= 1
+        assert {"checkpoint", "embeddings", "metrics.json"} <= {a.path for a in c.list_artifacts(run_id)}
+        again = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sync", journals], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert "nothing to send" in again.stdout          # replayed once, not twice
+    finally:
+        subprocess.run([server, "stop"], env=senv, capture_output=True, timeout=120)
+
+
+def test_journal_never_blocks_on_an_unreachable_server(tmp_path):
+    import time
+    from orchestrator.journal import Journal, last_sent, records
+    j = Journal(f"http://127.0.0.1:{free_port()}", "run0", str(tmp_path / "rank0.jsonl"))
+    start = time.time()
+    for step in range(1, 21):
+        j.log_metrics({"loss": 1.0 / step, "nan": float("nan")}, step, epoch=True)
+    assert time.time() - start < 1.0                      # the training loop only appends
+    assert not j.close(0.5)                               # nothing could be sent ...
+    saved = records(str(tmp_path / "rank0.jsonl"))        # ... and nothing is lost
+    assert [r["step"] for r in saved] == list(range(1, 21)) and last_sent(str(tmp_path / "rank0.jsonl")) == -1
+    assert saved[0]["metrics"] == {"loss": 1.0} and j.epochs_logged() == 20
+
+
+def test_submit_overrides_round_trip_through_the_command_line():
+    from orchestrator.cli import parse_set
+    from orchestrator.submit import yaml_scalar
+    for value in (1e-5, 2.5e16, 0.1, 3, "abc", "1e-5", True, None, [1, 2.5e-7], {"a": 1}, "a b: c"):
+        assert parse_set([f"k={yaml_scalar(value)}"])["k"] == value, value
+
+
+def test_ap_counting_survives_nan_scores():
+    import torch
+    from grafit_core.ap import _count_at_or_above
+    got = _count_at_or_above(torch.tensor([[0.1, 0.5]]), torch.tensor([[0.2, float("nan"), 0.6, float("-inf")]]))
+    assert got.tolist() == [[2, 1]]                       # NaN and -inf count nowhere

@@ -1,0 +1,180 @@
+"""MLflow logging that never blocks training: a journal on disk and a sender thread.
+
+Every record (a step's metrics, tags, a dict, an artifact file, the run's end) is first appended
+to a local JSON-lines journal, then sent in order by a background thread that retries while the
+tracking server is away. Training only appends: a server that dies mid-run delays the records,
+never the steps. Records still unsent when a process ends stay in the journal; the driver replays
+the workers' journals after training (`replay`), and `grafit sync DIR` replays whatever is left.
+`<journal>.sent` holds the last sequence number the server acknowledged.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import queue
+import threading
+import time
+
+RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def _quiet_client_retries() -> None:
+    # MLflow's own HTTP retries would hold one request for minutes; the journal retries instead
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def last_sent(path: str) -> int:
+    try:
+        with open(path + ".sent") as f:
+            return int(f.read().strip() or -1)
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def _mark_sent(path: str, seq: int) -> None:
+    tmp = f"{path}.sent.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(str(seq))
+    os.replace(tmp, path + ".sent")
+
+
+def records(path: str) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:      # a line cut by a killed writer: everything before it counts
+                break
+    return out
+
+
+def send(rec: dict, *, replaying: bool = False) -> None:
+    """One record to its run. A replayed metrics record already on the server is not sent twice."""
+    from mlflow.entities import Metric
+    from orchestrator.tracking import client
+    c, run_id, kind = client(rec["uri"]), rec["run_id"], rec["kind"]
+    if kind == "metrics":
+        items = [Metric(k, v, rec["time"], rec["step"]) for k, v in sorted(rec["metrics"].items())]
+        if replaying and items and any(m.step == rec["step"] for m in c.get_metric_history(run_id, items[0].key)):
+            return
+        for i in range(0, len(items), 500):
+            c.log_batch(run_id, metrics=items[i:i + 500])
+    elif kind == "tags":
+        for key, value in rec["tags"].items():
+            c.set_tag(run_id, key, value)
+    elif kind == "dict":
+        c.log_dict(run_id, rec["data"], rec["name"])
+    elif kind == "artifact":
+        c.log_artifact(run_id, rec["local"], rec["dest"])
+    elif kind == "artifacts":
+        c.log_artifacts(run_id, rec["local"], rec["dest"])
+    elif kind == "end":
+        c.set_terminated(run_id, status=rec["status"])
+    else:
+        raise ValueError(f"unknown journal record {kind!r}")
+
+
+class Journal:
+    """Append-only log of one process's MLflow records, sent by a daemon thread."""
+
+    def __init__(self, uri: str, run_id: str, path: str):
+        _quiet_client_retries()
+        self.uri, self.run_id, self.path = uri, run_id, path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.seq = len(records(path)) if os.path.exists(path) else 0
+        self.queue: queue.Queue = queue.Queue()
+        self.deadline = float("inf")
+        self.sent = last_sent(path)               # written by the sender thread only
+        self.thread = threading.Thread(target=self._loop, name="mlflow-journal", daemon=True)
+        self.thread.start()
+
+    def record(self, kind: str, **data) -> None:
+        rec = {"seq": self.seq, "uri": self.uri, "run_id": self.run_id, "kind": kind, **data}
+        self.seq += 1
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.queue.put(rec)
+
+    def log_metrics(self, metrics: dict, step: int, epoch: bool = False) -> None:
+        """epoch=True marks a per-epoch record: a restarted worker logs each epoch once."""
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        self.record("metrics", metrics=clean, step=int(step), time=int(time.time() * 1000), epoch=epoch)
+
+    def epochs_logged(self) -> int:
+        """The last epoch this journal holds (sent or not): 0 for a fresh one."""
+        done = [r["step"] for r in records(self.path) if r["kind"] == "metrics" and r.get("epoch")
+                and r["run_id"] == self.run_id] if os.path.exists(self.path) else []
+        return max(done, default=0)
+
+    def set_tags(self, tags: dict) -> None:
+        self.record("tags", tags={k: str(v) for k, v in tags.items()})
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.record("dict", data=data, name=name)
+
+    def log_artifact(self, local: str, dest: str) -> None:
+        self.record("artifact", local=os.path.abspath(local), dest=dest)
+
+    def log_artifacts(self, local_dir: str, dest: str) -> None:
+        self.record("artifacts", local=os.path.abspath(local_dir), dest=dest)
+
+    def end(self, ok: bool) -> None:
+        self.record("end", status="FINISHED" if ok else "FAILED")
+
+    def close(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the records to reach the server; True if they all did."""
+        self.deadline = time.time() + timeout
+        self.queue.put(None)
+        self.thread.join(timeout + 1)
+        return self.sent == self.seq - 1
+
+    def _loop(self) -> None:
+        while (rec := self.queue.get()) is not None:
+            tries = 0
+            while True:
+                try:
+                    send(rec)
+                    _mark_sent(self.path, rec["seq"])
+                    self.sent = rec["seq"]
+                    break
+                except Exception:                                   # server away: wait, retry
+                    if time.time() > self.deadline:
+                        return
+                    time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])
+                    tries += 1
+
+
+def replay(path: str, timeout: float) -> bool:
+    """Send a journal's unsent records in order, retrying up to `timeout` s; True if none is left."""
+    _quiet_client_retries()
+    deadline, done = time.time() + timeout, last_sent(path)
+    for rec in records(path):
+        if rec["seq"] <= done:
+            continue
+        tries = 0
+        while True:
+            try:
+                send(rec, replaying=True)
+                _mark_sent(path, rec["seq"])
+                break
+            except Exception:
+                if time.time() > deadline:
+                    return False
+                time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])
+                tries += 1
+    return True
+
+
+DRIVER = "driver.jsonl"      # the driver's records (checkpoint, the run's end) go after the workers'
+
+
+def unsent(directory: str) -> list[str]:
+    """Journals under `directory` with records the server has not acknowledged, workers' first."""
+    found = sorted(glob.glob(os.path.join(directory, "**", "*.jsonl"), recursive=True),
+                   key=lambda p: (os.path.dirname(p), os.path.basename(p) == DRIVER, p))
+    return [p for p in found if records(p) and records(p)[-1]["seq"] > last_sent(p)]
