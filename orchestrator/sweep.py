@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 
 from grafit_core.config import Config, config_from_dict, to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL
@@ -76,15 +77,25 @@ def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, finest: str, 
     ok, grid = False, None
     try:
         grid = _fit_tuner(cfg, uri, parent, fingerprint, storage_path, max_failures)
+        # the trials' own records travel through their journals; the parent's are written now,
+        # so a server that went away during the sweep gets time to come back
+        if not tracking.wait_for_server(uri, cfg.tracking.offline_wait_s):
+            raise GrafitError(f"MLflow server {uri} did not come back within {cfg.tracking.offline_wait_s:.0f} s: "
+                              f"the sweep's trials are done (their records wait in their journals, "
+                              f"<storage>/trials/*/mlflow_journal: grafit sync), its parent run {parent} stays open")
         record_best(uri, parent, grid, f"knn_top1/{finest}")
         if after is not None:
             after(grid, uri, parent)
         ok = grid.num_errors < len(grid)
         return grid, parent
     finally:
-        if grid is not None:
-            close_children(uri, parent, grid)
-        tracking.end_run(uri, parent, ok)
+        try:
+            if grid is not None:
+                close_children(uri, parent, grid)
+            tracking.end_run(uri, parent, ok)
+        except Exception as err:                 # the server is gone: say so, keep the first error
+            print(f"grafit: could not close the sweep's MLflow runs in {uri} ({type(err).__name__}); "
+                  f"they stay open", file=sys.stderr)
 
 
 def max_epochs(cfg: Config) -> int:

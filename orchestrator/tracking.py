@@ -37,6 +37,23 @@ def check_server(uri: str) -> None:
                           f"nothing was started") from None
 
 
+def wait_for_server(uri: str, timeout: float) -> bool:
+    """Poll an MLflow server's /health up to `timeout` s (True at once for a local store)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import time
+    import urllib.request
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+            return True
+        except OSError:
+            if time.time() > deadline:
+                return False
+            time.sleep(2)
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=uri)
