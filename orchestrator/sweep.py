@@ -17,7 +17,7 @@ from grafit_core.config import Config, config_from_dict, to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL
 from grafit_core.methods import get_method
 from grafit_core.errors import GrafitError
-from orchestrator import tracking
+from orchestrator import journal, tracking
 from orchestrator.train import storage_uri, tracked_training
 
 
@@ -45,7 +45,8 @@ def trial_fn(params: dict, base: dict, meta: dict) -> None:
         cfg, uri=meta["uri"], run_name=f"{meta['name']}/{trial}", fingerprint=meta["fingerprint"],
         parent_run_id=meta["parent_run_id"], workers=sw.workers, cpus_per_worker=sw.cpus_per_worker,
         gpus_per_worker=sw.gpus_per_worker, storage_path=meta["storage_path"], name=f"{meta['name']}-{trial}",
-        max_failures=meta["max_failures"], callbacks=[TuneReportCallback()])
+        max_failures=meta["max_failures"], callbacks=[TuneReportCallback()],
+        wait_s=10.0)                            # a server that is away: the sweep's end replays, not each trial
     if result.error is not None:
         raise result.error                      # Tune marks the trial failed; the sweep goes on
     final = result.return_value
@@ -83,6 +84,8 @@ def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, finest: str, 
             raise GrafitError(f"MLflow server {uri} did not come back within {cfg.tracking.offline_wait_s:.0f} s: "
                               f"the sweep's trials are done (their records wait in their journals, "
                               f"<storage>/trials/*/mlflow_journal: grafit sync), its parent run {parent} stays open")
+        for path in journal.unsent(os.path.join(storage_path, "trials")):
+            journal.replay(path, cfg.tracking.offline_wait_s)
         record_best(uri, parent, grid, f"knn_top1/{finest}")
         if after is not None:
             after(grid, uri, parent)

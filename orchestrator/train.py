@@ -177,7 +177,7 @@ def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpu
 
 
 def tracked_training(cfg: Config, *, uri: str, run_name: str, fingerprint: str, parent_run_id: str | None = None,
-                     **kwargs):
+                     wait_s: float | None = None, **kwargs):
     """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error.
     Rerunning into the same storage path and name continues its unfinished run."""
     experiment = cfg.tracking.experiment or cfg.name
@@ -200,7 +200,7 @@ def tracked_training(cfg: Config, *, uri: str, run_name: str, fingerprint: str, 
         result.run_id = run_id
         return result
     finally:
-        finish_run(uri, run_id, journals, ok, checkpoint_dir, cfg.tracking.offline_wait_s)
+        finish_run(uri, run_id, journals, ok, checkpoint_dir, cfg.tracking.offline_wait_s if wait_s is None else wait_s)
 
 
 def finish_run(uri: str, run_id: str, journals: str, ok: bool, checkpoint_dir: str | None, wait_s: float) -> bool:
