@@ -208,3 +208,64 @@ def test_ap_counting_survives_nan_scores():
     from grafit_core.ap import _count_at_or_above
     got = _count_at_or_above(torch.tensor([[0.1, 0.5]]), torch.tensor([[0.2, float("nan"), 0.6, float("-inf")]]))
     assert got.tolist() == [[2, 1]]                       # NaN and -inf count nowhere
+
+
+def test_checkpoints_never_unpickle_arbitrary_objects(tmp_path):
+    import torch
+    from grafit_core.checkpoint import load_trained, saved_config
+    marker = tmp_path / "executed"
+
+    class Payload:                                         # what a malicious checkpoint does on load
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    torch.save({"method": {}, "meta": {"config": Payload()}}, tmp_path / "train_state.pt")
+    for load in (saved_config, load_trained):
+        with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+            load(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_a_writer_killed_mid_write_never_replaces_a_good_file(tmp_path, monkeypatch):
+    """Parquet embeddings, the reproduction results and the journal's sent marker: the writer
+    dies (raises) after writing half a temporary file; the previous file is intact."""
+    import json
+    import sys
+    import pyarrow.parquet as pq
+    import torch
+    from grafit_core.config import config_from_dict
+    from grafit_core.data import prepare_data
+    from orchestrator import journal, tracking
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from reproduce_table5 import save
+
+    def dies(real):
+        def write(obj, where, *a, **k):
+            with open(where, "wb") as f:
+                f.write(b"half a fi")
+            raise KeyboardInterrupt("killed mid-write")
+        return write
+
+    train, _ = prepare_data(config_from_dict(BASE).data)
+    part = str(tmp_path / "part.parquet")
+    assert tracking.write_embeddings(torch.ones(len(train), 4), 0, train, 256, part)
+    monkeypatch.setattr(pq, "write_table", dies(pq.write_table))
+    with pytest.raises(KeyboardInterrupt):
+        tracking.write_embeddings(torch.zeros(len(train), 4), 0, train, 256, part)
+    monkeypatch.undo()
+    assert pq.read_table(part).column("embedding").to_pylist()[0] == [1.0] * 4
+
+    results = str(tmp_path / "results.json")
+    save(results, {"a": 1})
+    monkeypatch.setattr(json, "dump", lambda obj, f, **k: (f.write("{half"), (_ for _ in ()).throw(KeyboardInterrupt())))
+    with pytest.raises(KeyboardInterrupt):
+        save(results, {"a": 2})
+    monkeypatch.undo()
+    assert json.load(open(results)) == {"a": 1}
+
+    journal._mark_sent(str(tmp_path / "j.jsonl"), 7)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        journal._mark_sent(str(tmp_path / "j.jsonl"), 8)
+    monkeypatch.undo()
+    assert journal.last_sent(str(tmp_path / "j.jsonl")) == 7
