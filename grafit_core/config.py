@@ -112,6 +112,21 @@ class TrackingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """A `grafit finetune` job (paper §4.6): the target task is the job's `data` section."""
+    checkpoint: Optional[str] = None          # a grafit checkpoint dir (relative to this file); None: random trunk
+    head: str = "fc"                          # fc | mlp (Linear-BN-ReLU-Linear)
+    level: Optional[str] = None               # the labels fine-tuned on; default the finest level
+    epochs: int = 10
+    batch_size: int = 256
+    base_lr: float = 0.01                     # the paper's; cosine schedule to 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    hidden_dim: int = 1024                    # MLP head's hidden width
+
+
+@dataclass
 class Config:
     name: str = "grafit"
     seed: int = 0
@@ -123,6 +138,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     matrix: MatrixConfig = field(default_factory=MatrixConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     source: Optional[str] = None              # the file it was read from (set by load_config)
 
     @property
@@ -205,6 +221,15 @@ def validate(cfg: Config) -> Config:
         bad("eval.k", f"must be >= 1, got {e.k}")
     if not e.k_candidates or min(e.k_candidates) < 1:
         bad("eval.k_candidates", "must be a non-empty list of integers >= 1")
+    ft = cfg.finetune
+    if ft.head not in ("fc", "mlp"):
+        bad("finetune.head", f"must be fc or mlp, got {ft.head!r}")
+    for key, value, low in (("finetune.epochs", ft.epochs, 1), ("finetune.batch_size", ft.batch_size, 2),
+                            ("finetune.hidden_dim", ft.hidden_dim, 1)):
+        if value < low:
+            bad(key, f"must be >= {low}, got {value}")
+    if ft.base_lr <= 0:
+        bad("finetune.base_lr", f"must be > 0, got {ft.base_lr}")
     if e.knn_backend not in ("torch", "faiss"):
         bad("eval.knn_backend", f"must be torch or faiss, got {e.knn_backend!r}")
     for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),
@@ -273,10 +298,12 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
     cfg = from_dict(Config, data, "", path)
     cfg.source = path
     check_sweep(cfg)
-    if cfg.data.root is not None:
-        root = os.path.expanduser(os.path.expandvars(cfg.data.root))
-        cfg.data.root = root if os.path.isabs(root) else os.path.normpath(
-            os.path.join(os.path.dirname(os.path.abspath(path)), root))
+    here = os.path.dirname(os.path.abspath(path))
+    for section, key in ((cfg.data, "root"), (cfg.finetune, "checkpoint")):   # relative to the job file
+        value = getattr(section, key)
+        if value is not None:
+            value = os.path.expanduser(os.path.expandvars(value))
+            setattr(section, key, value if os.path.isabs(value) else os.path.normpath(os.path.join(here, value)))
     return validate(cfg)
 
 
@@ -368,7 +395,7 @@ def to_dict(cfg: Config) -> dict:
 
 # What a checkpoint's config may differ in and still be resumed: more epochs, evaluation-only
 # values, names, tracking, where the data lives and how it is read (never what is trained).
-FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "sweep.", "matrix.", "tracking.",
+FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "sweep.", "matrix.", "tracking.", "finetune.",
                        "data.root", "data.num_workers", "data.options.cache_size", "data.test_levels")
 
 
