@@ -30,6 +30,9 @@ from grafit_core.memory import shard_bounds
 from grafit_core.models import build_trunk, mlp
 
 
+STATE = "finetune_state.pt"
+
+
 class FinetuneNet(nn.Module):
     """trunk f -> head (FC or MLP) -> class logits."""
 
@@ -114,8 +117,11 @@ def accuracy(net: nn.Module, test: Collection, labels: torch.Tensor, cfg: Config
 
 
 def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext = DistContext(),
-             on_epoch: Optional[Callable] = None, log: Callable = print) -> FinetuneResult:
-    """Fine-tune on train's labels at finetune.level (default: the finest level), test on `test`."""
+             on_epoch: Optional[Callable] = None, log: Callable = print,
+             resume_from: Optional[str] = None) -> FinetuneResult:
+    """Fine-tune on train's labels at finetune.level (default: the finest level), test on `test`.
+    on_epoch(epoch, stats, save): save(directory) writes the state (rank 0: net, optimizer, epoch,
+    history); resume_from continues from such a directory."""
     level = cfg.finetune.level or train.hierarchy.levels[-1]
     ocfg = _as_optim(cfg)
     labels = torch.as_tensor(train.labels_at(level))
@@ -131,9 +137,17 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
     opt = torch.optim.SGD([{"params": decay, "weight_decay": ocfg.optim.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=ocfg.lr, momentum=ocfg.optim.momentum)
     total, warmup = cfg.finetune.epochs * len(loader), int(cfg.finetune.warmup_epochs * len(loader))
-    step, history = 0, []
+    step, history, first_epoch = 0, [], 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, STATE), map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        first_epoch, step, history = state["epoch"], state["step"], state["history"]
+        rng = os.path.join(resume_from, f"rng_rank{ctx.rank}.pt")
+        if os.path.exists(rng):                      # each rank's augmentation stream
+            torch.set_rng_state(torch.load(rng, weights_only=True))
     test_labels = torch.as_tensor(test.labels_at(level))
-    for epoch in range(cfg.finetune.epochs):
+    for epoch in range(first_epoch, cfg.finetune.epochs):
         sampler.set_epoch(epoch)
         start, losses = time.time(), []
         net.train()
@@ -157,7 +171,13 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
             log(f"[finetune {cfg.finetune.head} {level}] epoch {epoch + 1}/{cfg.finetune.epochs}: "
                 + ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
         if on_epoch is not None:
-            on_epoch(epoch + 1, stats)
+            def save(directory, _epoch=epoch + 1, _step=step):
+                os.makedirs(directory, exist_ok=True)
+                if ctx.is_main:
+                    checkpoint.atomic_save({"net": net.state_dict(), "optimizer": opt.state_dict(), "epoch": _epoch,
+                                            "step": _step, "history": history}, os.path.join(directory, STATE))
+                checkpoint.atomic_save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{ctx.rank}.pt"))
+            on_epoch(epoch + 1, stats, save)
     final = {k: v for k, v in history[-1].items() if k.startswith("finetune_")}
     return FinetuneResult(net, final, history)
 

@@ -4,6 +4,7 @@
     grafit train jobs/omniglot.yaml --workers 2             # Ray Train, memory sharded per worker
     grafit sweep jobs/sweeps/omniglot_sigma_tau.yaml        # Ray Tune over Train, MLflow parent/child runs
     grafit matrix jobs/matrix/omniglot.yaml                 # coarse-to-fine matrices, heatmaps in MLflow
+    grafit finetune jobs/finetune/omniglot.yaml             # a checkpoint's trunk + new head (paper 4.6)
     grafit ui                                               # the MLflow UI on 127.0.0.1
     grafit submit jobs/submit/omniglot_train.yaml           # validate here, run on a Ray cluster
 """
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "jobs/matrix/omniglot.yaml", "runs/matrix", 0, "Tune state and cell checkpoints")
     p.set_defaults(func=cmd_matrix)
 
+    from orchestrator.finetune import add_parser as add_finetune
+    add_finetune(sub, ray_job_parser)
     from orchestrator.submit import add_parsers
     add_parsers(sub)                                           # submit, jobs
 

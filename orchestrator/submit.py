@@ -23,7 +23,7 @@ from grafit_core.config import load_config, read_yaml
 from grafit_core.errors import ConfigError, GrafitError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("train", "sweep", "matrix")
+KINDS = ("train", "sweep", "matrix", "finetune")
 SPEC_KEYS = ("kind", "config", "options", "set", "runtime_env", "entrypoint_num_cpus")
 # what never travels with the working dir: environments, local runs and stores
 EXCLUDES = [".git", ".venv", "runs", "mlflow.db", "mlartifacts", "mlruns", "__pycache__", "*.egg-info",

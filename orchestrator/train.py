@@ -119,8 +119,8 @@ def latest_checkpoint(run_dir: str) -> str | None:
     """The newest complete checkpoint Ray Train wrote under storage_path/name (local folders only)."""
     if "://" in run_dir or not os.path.isdir(run_dir):
         return None
-    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_")
-                   and os.path.exists(os.path.join(run_dir, d, "train_state.pt")))
+    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_") and any(
+        os.path.exists(os.path.join(run_dir, d, f)) for f in ("train_state.pt", "finetune_state.pt")))
     return os.path.join(run_dir, found[-1]) if found else None
 
 
@@ -130,7 +130,7 @@ def check_checkpoint(cfg: Config, storage_path: str, name: str) -> None:
     from grafit_core.checkpoint import saved_config
     from grafit_core.config import check_resumable
     latest = latest_checkpoint(os.path.join(storage_path, name))
-    saved = saved_config(latest) if latest else None
+    saved = saved_config(latest) if latest and os.path.exists(os.path.join(latest, "train_state.pt")) else None
     if saved is not None:
         check_resumable(saved, to_dict(cfg), latest)
 
@@ -150,17 +150,20 @@ def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float
 
 def run_training(cfg: Config, *, workers: int, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  storage_path: str = "runs/ray", name: str | None = None, max_failures: int = 1,
-                 threads: int | None = None, mlflow_run: dict | None = None, callbacks: list | None = None):
-    """Fit cfg on the connected Ray cluster; returns Ray's Result (metrics, checkpoint, history)."""
+                 threads: int | None = None, mlflow_run: dict | None = None, callbacks: list | None = None,
+                 loop=None):
+    """Fit cfg on the connected Ray cluster; returns Ray's Result (metrics, checkpoint, history).
+    loop: the worker function (default train_loop; orchestrator.finetune.finetune_loop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    check_checkpoint(cfg, storage_path, name or cfg.name)     # before any cluster resource is taken
+    if loop is None:                                          # a pre-training checkpoint's config
+        check_checkpoint(cfg, storage_path, name or cfg.name)  # before any cluster resource is taken
     check_resources(workers, cpus_per_worker, gpus_per_worker)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop,
+        loop or train_loop,
         train_loop_config={"config": to_dict(cfg), "source": cfg.source or "<config>",
                            "threads": threads or max(1, int(cpus_per_worker)),
                            "kill": os.environ.get(KILL_ENV), "mlflow": mlflow_run},

@@ -55,3 +55,46 @@ def test_finetune_starts_from_the_pretrained_trunk_and_learns_the_fine_labels(tm
     assert res.metrics["finetune_top1/l2"] > 3 * chance
     assert res.metrics["finetune_top5/l2"] >= res.metrics["finetune_top1/l2"]
     assert [h["epoch"] for h in res.history] == list(range(1, 13))
+
+
+def test_finetune_resumes_bitwise_from_its_checkpoint(tmp_path):
+    cfg = with_overrides(config_from_dict(JOB), {"finetune.epochs": 3})
+    train, test = prepare_data(cfg.data)
+
+    def saving(epoch, stats, save):
+        save(str(tmp_path / f"epoch{epoch}"))
+
+    full = finetune(cfg, train, test, on_epoch=saving, log=quiet)
+    resumed = finetune(cfg, train, test, resume_from=str(tmp_path / "epoch1"), log=quiet)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert resumed.metrics == full.metrics
+
+
+@pytest.mark.timeout(600)
+def test_grafit_finetune_through_ray_train_equals_the_plain_run_and_is_tracked(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from grafit_core.config import load_config
+    from orchestrator.cli import main as grafit
+    cfg = config_from_dict(JOB)
+    train, test = prepare_data(cfg.data)
+    ckpt = tmp_path / "pretrained"
+    fit(cfg, train, test, on_epoch=lambda e, s, save: save(str(ckpt)), log=quiet)
+    job = tmp_path / "ft.yaml"
+    job.write_text(yaml.safe_dump({**JOB, "name": "ft", "finetune": {**JOB["finetune"], "epochs": 3,
+                                                                     "checkpoint": "pretrained", "head": "mlp"}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        assert grafit(["finetune", str(job), "--workers", "1", "--num-cpus", "2",
+                       "--storage-path", str(tmp_path / "runs")]) == 0
+    finally:
+        ray.shutdown()
+    reference = finetune(load_config(str(job)), train, test, log=quiet)       # the same job, in this process
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("ft").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["finetune.head"] == "mlp"
+    for key in ("finetune_top1/l2", "finetune_top5/l2"):
+        assert run.data.metrics[key] == pytest.approx(reference.metrics[key], abs=1e-6), key
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
