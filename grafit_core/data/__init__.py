@@ -19,6 +19,9 @@ DATASETS = {
     "cifar100": "grafit_core.data.cifar:load_cifar100",
     "inaturalist": "grafit_core.data.inaturalist:load_inaturalist",
     "imagenet": "grafit_core.data.imagenet:load_imagenet",
+    "flowers102": "grafit_core.data.transfer:load_flowers102",
+    "stanford_cars": "grafit_core.data.transfer:load_stanford_cars",
+    "food101": "grafit_core.data.transfer:load_food101",
 }
 
 
