@@ -101,6 +101,8 @@ class MatrixConfig:
     """Coarse-to-fine matrices (paper Tables 3-4): train each method at each level, test at every level."""
     methods: list[str] = field(default_factory=list)       # default: [method.name]
     train_levels: list[str] = field(default_factory=list)  # default: none + every level of the dataset
+    finetune: bool = False                    # add a fine-tuning column: each cell's trunk fine-tuned at every
+                                              # test level with the job's finetune section (paper Table 6)
 
 
 @dataclass

@@ -228,6 +228,9 @@ def cmd_matrix(args) -> int:
     check_sweep(cfg)
     check_batch(cfg, cfg.sweep.workers, "sweep.workers")
     check_sweep_against_data(cfg, train)
+    if cfg.matrix.finetune and cfg.finetune.batch_size % cfg.sweep.workers:
+        raise GrafitError(f"{args.config}: finetune.batch_size: {cfg.finetune.batch_size} must be divisible by "
+                          f"sweep.workers {cfg.sweep.workers} (matrix.finetune is on)")
     cfg.sweep.metric = cfg.sweep.metric or f"online_knn_top1/{levels[-1]}"
     cells = len(cfg.matrix.methods) * len(cfg.matrix.train_levels)
     print(f"matrix {cfg.name}: {len(cfg.matrix.methods)} methods x {len(cfg.matrix.train_levels)} training levels "
@@ -244,7 +247,8 @@ def cmd_matrix(args) -> int:
         matrix.example_figures(uri, parent, grid, train, query, cfg.matrix.train_levels, levels)
 
     grid, parent = sweep.run_sweep(cfg, fingerprint=tracking.dataset_fingerprint(train, query), finest=levels[-1],
-                                   storage_path=args.storage_path, max_failures=args.max_failures, after=after)
+                                   storage_path=args.storage_path, max_failures=args.max_failures, after=after,
+                                   test_levels=levels)
     for metric in matrix.METRICS:
         for method, rows in matrices.get(metric, {}).items():
             print(f"\n== {metric} (%) of {method}: rows = training level, columns = test level ==")

@@ -16,7 +16,7 @@ import math
 from grafit_core.config import Config, with_overrides
 from orchestrator import figures, tracking
 
-METRICS = ("knn_top1", "map_cosine", "map_cond", "map_oracle")
+METRICS = ("knn_top1", "map_cosine", "map_cond", "map_oracle", "finetune_top1")
 
 
 def matrix_sweep(cfg: Config, levels: list[str]) -> Config:
@@ -40,6 +40,8 @@ def assemble(grid, test_levels: list[str]) -> dict:
             cells = {lv: r.metrics[f"{metric}/{lv}"] for lv in test_levels if f"{metric}/{lv}" in r.metrics}
             if cells:
                 out[metric].setdefault(method, {})[level] = cells
+    if not out["finetune_top1"]:                # only with matrix.finetune
+        del out["finetune_top1"]
     return out
 
 

@@ -18,7 +18,7 @@ from grafit_core.data import NONE_LEVEL
 from grafit_core.methods import get_method
 from grafit_core.errors import GrafitError
 from orchestrator import journal, tracking
-from orchestrator.train import storage_uri, tracked_training
+from orchestrator.train import run_training, storage_uri, tracked_training
 
 
 def tune_space(cfg: Config) -> dict:
@@ -50,6 +50,8 @@ def trial_fn(params: dict, base: dict, meta: dict) -> None:
     if result.error is not None:
         raise result.error                      # Tune marks the trial failed; the sweep goes on
     final = result.return_value
+    if cfg.matrix.finetune and not final["skipped"]:
+        final["metrics"].update(finetune_cells(cfg, result, meta, trial))
     last_epoch = final["history"][-1] if final["history"] else {}   # keeps the scheduler's metric present
     tune.report({**last_epoch, **({} if final["skipped"] else final["metrics"]), "mlflow_run_id": result.run_id,
                  "trained": 0 if final["skipped"] else 1,
@@ -65,8 +67,25 @@ def check_capacity(sw) -> None:
                           f"the Ray cluster has {cpus:g}: concurrent trials would wait forever")
 
 
+def finetune_cells(cfg: Config, result, meta: dict, trial: str) -> dict:
+    """A matrix cell's fine-tuning column: its trunk fine-tuned at every test level (one Ray
+    Train fit each), logged into the cell's run next to kNN and mAP."""
+    from orchestrator.finetune import finetune_loop
+    out, sw = {}, cfg.sweep
+    for level in meta["test_levels"]:
+        ft = with_overrides(cfg, {"finetune.checkpoint": result.checkpoint.path, "finetune.level": level})
+        r = run_training(ft, workers=sw.workers, cpus_per_worker=sw.cpus_per_worker, gpus_per_worker=sw.gpus_per_worker,
+                         storage_path=meta["storage_path"], name=f"{meta['name']}-{trial}-finetune-{level}",
+                         max_failures=meta["max_failures"], loop=finetune_loop)
+        if r.error is not None:
+            raise r.error
+        out[f"finetune_top1/{level}"] = r.return_value["metrics"][f"finetune_top1/{level}"]
+    tracking.log_metrics(meta["uri"], result.run_id, out)
+    return out
+
+
 def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, finest: str, uri: str | None = None,
-              max_failures: int = 0, after=None):
+              max_failures: int = 0, after=None, test_levels: list[str] | None = None):
     """Run the sweep on the connected Ray cluster; returns (Tune ResultGrid, parent run id).
     after(grid, uri, parent_run_id) logs more into the parent run before it is closed; the parent
     records the trial with the best final kNN top-1 at the `finest` test level."""
@@ -77,7 +96,7 @@ def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, finest: str, 
     parent = tracking.start_run(uri, experiment, f"sweep {name}", to_dict(cfg), tracking.provenance(fingerprint))
     ok, grid = False, None
     try:
-        grid = _fit_tuner(cfg, uri, parent, fingerprint, storage_path, max_failures)
+        grid = _fit_tuner(cfg, uri, parent, fingerprint, storage_path, max_failures, test_levels or [finest])
         # the trials' own records travel through their journals; the parent's are written now,
         # so a server that went away during the sweep gets time to come back
         if not tracking.wait_for_server(uri, cfg.tracking.offline_wait_s):
@@ -109,14 +128,15 @@ def max_epochs(cfg: Config) -> int:
     return int(max(next(iter(spec.values()))))
 
 
-def _fit_tuner(cfg: Config, uri: str, parent: str, fingerprint: str, storage_path: str, max_failures: int):
+def _fit_tuner(cfg: Config, uri: str, parent: str, fingerprint: str, storage_path: str, max_failures: int,
+               test_levels: list[str]):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sw, name = cfg.sweep, cfg.name
     meta = {"uri": uri, "parent_run_id": parent, "fingerprint": fingerprint, "source": cfg.source or "<config>",
             "storage_path": storage_uri(storage_path.rstrip("/") + "/trials"), "name": name,
-            "max_failures": max_failures}
+            "max_failures": max_failures, "test_levels": test_levels}
     # one report per epoch, then the trial's final report: with max_t = epochs ASHA would stop a
     # surviving trial at its last epoch, before its evaluation and MLflow logging finish
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(cfg) + 1,

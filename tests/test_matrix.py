@@ -1,6 +1,9 @@
-"""Coarse-to-fine matrix assembly, metric keys, CSV and figures (no Ray: trial results are given)."""
+"""Coarse-to-fine matrix assembly, metric keys, CSV and figures (trial results are given), and one
+real tiny matrix with its fine-tuning column."""
 import math
 from types import SimpleNamespace
+
+import pytest
 
 from grafit_core.config import config_from_dict
 from orchestrator import matrix
@@ -88,3 +91,47 @@ def test_report_rebuilds_matrices_and_figures_from_mlflow(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
     logged = MlflowClient(uri).get_run(run_id).data.metrics
     assert logged == matrix.flat_metrics(m)
+
+
+@pytest.mark.timeout(600)
+def test_matrix_fine_tuning_column_is_recorded_next_to_knn_and_map(tmp_path, monkeypatch):
+    """A real tiny matrix with matrix.finetune: the cell's trunk is fine-tuned at each test level
+    (Ray Train fits), and the value equals fine-tuning the cell's logged checkpoint here."""
+    ray = pytest.importorskip("ray")
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from grafit_core.config import load_config, with_overrides
+    from grafit_core.data import prepare_data
+    from grafit_core.finetune import finetune
+    from orchestrator.cli import main as grafit
+    job = {"name": "ft-matrix",
+           "data": {"name": "synthetic", "train_level": "l0", "augment": "characters", "image_size": 16,
+                    "test_levels": ["l1", "l2"],
+                    "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
+           "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
+           "optim": {"epochs": 1, "batch_size": 16}, "eval": {"val_size": 20, "k_candidates": [3, 5]},
+           "matrix": {"methods": ["grafit"], "train_levels": ["l0"], "finetune": True},
+           "finetune": {"epochs": 2, "batch_size": 16, "base_lr": 0.05},
+           "sweep": {"cpus_per_worker": 1}}
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(job))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        assert grafit(["matrix", str(path), "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2"]) == 0
+    finally:
+        ray.shutdown()
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("ft-matrix").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    (cell,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    ckpt = c.download_artifacts(cell.info.run_id, "checkpoint", str(tmp_path / "dl"))
+    cfg = load_config(str(path))
+    train, test = prepare_data(cfg.data)
+    for level in ("l1", "l2"):
+        value = parent.data.metrics[f"finetune_top1/grafit/train_l0/test_{level}"]
+        assert value == cell.data.metrics[f"finetune_top1/{level}"]
+        ref = finetune(with_overrides(cfg, {"finetune.checkpoint": ckpt, "finetune.level": level}), train, test,
+                       log=lambda s: None)
+        assert value == pytest.approx(ref.metrics[f"finetune_top1/{level}"], abs=1e-6), level
+        assert 0 <= parent.data.metrics[f"knn_top1/grafit/train_l0/test_{level}"] <= 1
