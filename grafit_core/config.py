@@ -232,6 +232,11 @@ def validate(cfg: Config) -> Config:
             bad(key, f"must be >= {low}, got {value}")
     if ft.base_lr <= 0:
         bad("finetune.base_lr", f"must be > 0, got {ft.base_lr}")
+    for key, value in (("finetune.momentum", ft.momentum), ("finetune.weight_decay", ft.weight_decay)):
+        if value < 0:
+            bad(key, f"must be >= 0, got {value}")
+    if not 0 <= ft.warmup_epochs < ft.epochs:
+        bad("finetune.warmup_epochs", f"must be in [0, finetune.epochs = {ft.epochs}), got {ft.warmup_epochs}")
     if e.knn_backend not in ("torch", "faiss"):
         bad("eval.knn_backend", f"must be torch or faiss, got {e.knn_backend!r}")
     for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),

@@ -228,9 +228,14 @@ def cmd_matrix(args) -> int:
     check_sweep(cfg)
     check_batch(cfg, cfg.sweep.workers, "sweep.workers")
     check_sweep_against_data(cfg, train)
-    if cfg.matrix.finetune and cfg.finetune.batch_size % cfg.sweep.workers:
-        raise GrafitError(f"{args.config}: finetune.batch_size: {cfg.finetune.batch_size} must be divisible by "
-                          f"sweep.workers {cfg.sweep.workers} (matrix.finetune is on)")
+    if cfg.matrix.finetune:                   # the fine-tuning column, checked before any cell trains
+        from grafit_core.config import with_overrides
+        from grafit_core.finetune import check_finetune
+        for lv in levels:
+            check_finetune(with_overrides(cfg, {"finetune.level": lv}), train)
+        if cfg.finetune.batch_size % cfg.sweep.workers:
+            raise GrafitError(f"{args.config}: finetune.batch_size: {cfg.finetune.batch_size} must be divisible by "
+                              f"sweep.workers {cfg.sweep.workers} (matrix.finetune is on)")
     cfg.sweep.metric = cfg.sweep.metric or f"online_knn_top1/{levels[-1]}"
     cells = len(cfg.matrix.methods) * len(cfg.matrix.train_levels)
     print(f"matrix {cfg.name}: {len(cfg.matrix.methods)} methods x {len(cfg.matrix.train_levels)} training levels "

@@ -40,6 +40,16 @@ def _mark_sent(path: str, seq: int) -> None:
     os.replace(tmp, path + ".sent")
 
 
+def _repair(path: str) -> None:
+    """Cut a last line left half-written by a killed writer, so that new records start clean."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def records(path: str) -> list[dict]:
     out = []
     with open(path) as f:
@@ -67,10 +77,11 @@ def send(rec: dict, *, replaying: bool = False) -> None:
             c.set_tag(run_id, key, value)
     elif kind == "dict":
         c.log_dict(run_id, rec["data"], rec["name"])
-    elif kind == "artifact":
-        c.log_artifact(run_id, rec["local"], rec["dest"])
-    elif kind == "artifacts":
-        c.log_artifacts(run_id, rec["local"], rec["dest"])
+    elif kind in ("artifact", "artifacts"):
+        if not os.path.exists(rec["local"]):    # gone (pruned, overwritten): it can never be sent
+            print(f"grafit: journal: {rec['local']} no longer exists; artifact {rec['dest']} skipped")
+            return
+        (c.log_artifact if kind == "artifact" else c.log_artifacts)(run_id, rec["local"], rec["dest"])
     elif kind == "end":
         c.set_terminated(run_id, status=rec["status"])
     else:
@@ -80,16 +91,24 @@ def send(rec: dict, *, replaying: bool = False) -> None:
 class Journal:
     """Append-only log of one process's MLflow records, sent by a daemon thread."""
 
-    def __init__(self, uri: str, run_id: str, path: str):
+    def __init__(self, uri: str, run_id: str, path: str, send_now: bool = True):
+        """send_now=False only appends (records that must wait for other journals: `grafit sync`)."""
         _quiet_client_retries()
         self.uri, self.run_id, self.path = uri, run_id, path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.seq = len(records(path)) if os.path.exists(path) else 0
+        _repair(path)
+        old = records(path) if os.path.exists(path) else []
+        self.seq = old[-1]["seq"] + 1 if old else 0
         self.queue: queue.Queue = queue.Queue()
         self.deadline = float("inf")
+        self.abandoned = False
         self.sent = last_sent(path)               # written by the sender thread only
+        for rec in old:                           # what an earlier process left unsent goes first
+            if rec["seq"] > self.sent:
+                self.queue.put(rec)
         self.thread = threading.Thread(target=self._loop, name="mlflow-journal", daemon=True)
-        self.thread.start()
+        if send_now:
+            self.thread.start()
 
     def record(self, kind: str, **data) -> None:
         rec = {"seq": self.seq, "uri": self.uri, "run_id": self.run_id, "kind": kind, **data}
@@ -127,16 +146,20 @@ class Journal:
         self.record("end", status="FINISHED" if ok else "FAILED")
 
     def close(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for the records to reach the server; True if they all did."""
+        """Wait up to `timeout` s for the records to reach the server; True if they all did.
+        What is left stays in the file (the sender stops: a later replay owns it)."""
+        if not self.thread.is_alive():
+            return self.sent == self.seq - 1
         self.deadline = time.time() + timeout
         self.queue.put(None)
         self.thread.join(timeout + 1)
+        self.abandoned = True
         return self.sent == self.seq - 1
 
     def _loop(self) -> None:
         while (rec := self.queue.get()) is not None:
             tries = 0
-            while True:
+            while not self.abandoned:
                 try:
                     send(rec)
                     _mark_sent(self.path, rec["seq"])
@@ -152,6 +175,7 @@ class Journal:
 def replay(path: str, timeout: float) -> bool:
     """Send a journal's unsent records in order, retrying up to `timeout` s; True if none is left."""
     _quiet_client_retries()
+    _repair(path)
     deadline, done = time.time() + timeout, last_sent(path)
     for rec in records(path):
         if rec["seq"] <= done:
@@ -171,6 +195,21 @@ def replay(path: str, timeout: float) -> bool:
 
 
 DRIVER = "driver.jsonl"      # the driver's records (checkpoint, the run's end) go after the workers'
+
+
+def replay_all(directory: str, timeout: float, drivers: bool = True) -> bool:
+    """Replay every journal under `directory` within one deadline: in each run's folder the
+    workers' journals first, its driver's (checkpoint, the run's end) only once they are through."""
+    deadline, ok = time.time() + timeout, True
+    blocked = set()
+    for path in unsent(directory):
+        folder = os.path.dirname(path)
+        if os.path.basename(path) == DRIVER and (not drivers or folder in blocked):
+            continue
+        if not replay(path, max(0.0, deadline - time.time())):
+            ok = False
+            blocked.add(folder)
+    return ok and not any(os.path.basename(p) != DRIVER or drivers for p in unsent(directory))
 
 
 def unsent(directory: str) -> list[str]:

@@ -80,7 +80,11 @@ def finetune_cells(cfg: Config, result, meta: dict, trial: str) -> dict:
         if r.error is not None:
             raise r.error
         out[f"finetune_top1/{level}"] = r.return_value["metrics"][f"finetune_top1/{level}"]
-    tracking.log_metrics(meta["uri"], result.run_id, out)
+    # into the cell's (closed) run through a journal: a server that is away does not fail the trial
+    log = journal.Journal(meta["uri"], result.run_id, os.path.join(meta["storage_path"], f"{meta['name']}-{trial}",
+                                                                   "mlflow_journal", "finetune.jsonl"))
+    log.log_metrics(out, step=cfg.optim.epochs)
+    log.close(10.0)
     return out
 
 
@@ -103,8 +107,7 @@ def run_sweep(cfg: Config, *, fingerprint: str, storage_path: str, finest: str, 
             raise GrafitError(f"MLflow server {uri} did not come back within {cfg.tracking.offline_wait_s:.0f} s: "
                               f"the sweep's trials are done (their records wait in their journals, "
                               f"<storage>/trials/*/mlflow_journal: grafit sync), its parent run {parent} stays open")
-        for path in journal.unsent(os.path.join(storage_path, "trials")):
-            journal.replay(path, cfg.tracking.offline_wait_s)
+        journal.replay_all(os.path.join(storage_path, "trials"), cfg.tracking.offline_wait_s)
         record_best(uri, parent, grid, f"knn_top1/{finest}")
         if after is not None:
             after(grid, uri, parent)

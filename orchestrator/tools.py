@@ -99,9 +99,8 @@ def cmd_sync(args) -> int:
     if not pending:
         print(f"{args.dir}: nothing to send")
         return 0
-    for path in pending:
-        if not journal.replay(path, args.wait):
-            raise GrafitError(f"{path}: the MLflow server still does not answer after {args.wait:.0f} s; "
-                              f"nothing was lost, run grafit sync again later")
-        print(f"sent {path}")
+    if not journal.replay_all(args.dir, args.wait):
+        raise GrafitError(f"{args.dir}: the MLflow server still does not answer after {args.wait:.0f} s; "
+                          f"nothing was lost, run grafit sync again later")
+    print("\n".join(f"sent {p}" for p in pending))
     return 0

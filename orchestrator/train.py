@@ -208,14 +208,15 @@ def tracked_training(cfg: Config, *, uri: str, run_name: str, fingerprint: str, 
 
 def finish_run(uri: str, run_id: str, journals: str, ok: bool, checkpoint_dir: str | None, wait_s: float) -> bool:
     """After training: send what the workers could not (their journals), then the checkpoint and
-    the run's end, through the driver's own journal, waiting up to wait_s for a server that is away."""
-    left = [p for p in journal.unsent(journals) if os.path.basename(p) != journal.DRIVER
-            and not journal.replay(p, wait_s)]
-    driver = journal.Journal(uri, run_id, os.path.join(journals, journal.DRIVER))
+    the run's end through the driver's journal, all within wait_s for a server that is away. The
+    end never overtakes the workers' records: while they wait, it waits in the file too."""
+    start = time.time()
+    workers_done = journal.replay_all(journals, wait_s, drivers=False)
+    driver = journal.Journal(uri, run_id, os.path.join(journals, journal.DRIVER), send_now=workers_done)
     if checkpoint_dir:
         driver.log_artifacts(checkpoint_dir, "checkpoint")
     driver.end(ok)
-    if driver.close(wait_s) and not left:
+    if workers_done and driver.close(max(0.0, wait_s - (time.time() - start))):
         return True
     print(f"grafit: the MLflow server {uri} did not come back within {wait_s:.0f} s: run {run_id}'s remaining "
           f"records are kept in {journals}; send them with: grafit sync {journals}", file=sys.stderr)

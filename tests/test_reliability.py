@@ -269,3 +269,24 @@ def test_a_writer_killed_mid_write_never_replaces_a_good_file(tmp_path, monkeypa
         journal._mark_sent(str(tmp_path / "j.jsonl"), 8)
     monkeypatch.undo()
     assert journal.last_sent(str(tmp_path / "j.jsonl")) == 7
+
+
+def test_journal_resends_what_an_earlier_process_left_and_repairs_a_cut_line(tmp_path, monkeypatch):
+    import json
+    from orchestrator import journal
+    sent = []
+    path = str(tmp_path / "rank0.jsonl")
+    down = journal.Journal("http://127.0.0.1:9", "r", path)       # the server is away: nothing is sent
+    for step in (1, 2, 3):
+        down.log_metrics({"loss": float(step)}, step, epoch=True)
+    down.close(0.2)
+    with open(path, "a") as f:
+        f.write('{"seq": 3, "kind": "metr')                        # a writer killed mid-line
+    monkeypatch.setattr(journal, "send", lambda rec, replaying=False: sent.append(rec["step"]))
+    again = journal.Journal("http://127.0.0.1:9", "r", path)      # a restarted worker, the server back
+    assert again.epochs_logged() == 3
+    again.log_metrics({"loss": 4.0}, 4, epoch=True)
+    assert again.close(5.0)
+    assert sent == [1, 2, 3, 4]                                    # older records first, none lost
+    assert [json.loads(line)["seq"] for line in open(path)] == [0, 1, 2, 3]
+    assert journal.unsent(str(tmp_path)) == []

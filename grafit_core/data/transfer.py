@@ -45,7 +45,8 @@ def _loadmat(path: str, what: str) -> dict:
 def _key(mat: dict, key: str, path: str, what: str):
     if key not in mat:
         raise DataError(f"{what}: {path} has no {key!r}")
-    return mat[key]
+    import numpy as np
+    return np.atleast_1d(mat[key])          # squeeze_me turns a one-element array into a scalar
 
 
 def _collections(what: str, train, test, cache_size):
