@@ -16,6 +16,7 @@ import io
 import os
 import shlex
 import sys
+import time
 
 import yaml
 
@@ -174,10 +175,18 @@ def cmd_submit(args) -> int:
     runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
     entrypoint = "python -m orchestrator.cli " + shlex.join(argv)
     jobs = client(args.address, args.token_file)
-    with explained(args.address):
-        job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                 entrypoint_num_cpus=spec["entrypoint_num_cpus"],
-                                 metadata={"grafit_spec": os.path.relpath(os.path.abspath(path), ROOT)})
+    deadline = time.time() + 120
+    while True:
+        try:
+            with explained(args.address):
+                job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                         entrypoint_num_cpus=spec["entrypoint_num_cpus"],
+                                         metadata={"grafit_spec": os.path.relpath(os.path.abspath(path), ROOT)})
+            break
+        except RuntimeError as err:      # a node just started: its job agent registers a little later
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise GrafitError(f"job server {args.address}: {str(err).splitlines()[0]}") from None
+            time.sleep(2)
     print(f"submitted {job_id} to {args.address}: {entrypoint}", flush=True)
     if args.no_wait:
         print(f"follow it with: grafit jobs logs {job_id} --address {args.address}")
