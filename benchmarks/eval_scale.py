@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs per timing (default 2)")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    cols = ["N", "Q", "d", "knn_top1", "mm_s", "one_level", "+level", "+cond", "sklearn_x", "knn_torch_s", "faiss_build_s",
-            "knn_faiss_s"]
+    cols = ["N", "Q", "d", "knn_top1", "mm_s", "one_level", "+level", "+cond", "sklearn_x", "knn_torch_s",
+            "faiss_build_s", "knn_faiss_s"]
     print("  ".join(f"{c:>13s}" for c in cols), flush=True)
     for n in (int(x) for x in args.sizes.split(",")):
         row = run_size(n, args.queries, args.dim, args.repeat)

@@ -406,16 +406,21 @@ FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "sweep.", "mat
                        "data.root", "data.num_workers", "data.options.cache_size", "data.test_levels")
 
 
-def fingerprint_fields(cfg_dict: dict, prefix: str = "") -> dict:
-    """The flattened config values that define a training run (see FINGERPRINT_IGNORES)."""
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    """{"method": {"sigma": 0.05}} -> {"method.sigma": 0.05} (an empty mapping stays a value)."""
     out = {}
-    for key, value in cfg_dict.items():
-        dotted = f"{prefix}{key}"
+    for key, value in d.items():
         if isinstance(value, dict) and value:
-            out.update(fingerprint_fields(value, dotted + "."))
-        elif not any(dotted == ign or (ign.endswith(".") and dotted.startswith(ign)) for ign in FINGERPRINT_IGNORES):
-            out[dotted] = value
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
+
+
+def fingerprint_fields(cfg_dict: dict) -> dict:
+    """The flattened config values that define a training run (see FINGERPRINT_IGNORES)."""
+    return {k: v for k, v in flatten_dict(cfg_dict).items()
+            if not any(k == ign or (ign.endswith(".") and k.startswith(ign)) for ign in FINGERPRINT_IGNORES)}
 
 
 def config_fingerprint(cfg_dict: dict) -> str:

@@ -12,7 +12,6 @@ import importlib.metadata
 import json
 import os
 import subprocess
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("torch", "torchvision", "numpy", "ray", "mlflow", "grafit-ray")
@@ -73,16 +72,10 @@ def experiment_id(uri: str, name: str) -> str:
     return exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_root(uri))
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict) -> dict:
     """{"method": {"sigma": 0.05}} -> {"method.sigma": "0.05"} (MLflow params are strings)."""
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return out
+    from grafit_core.config import flatten_dict
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten_dict(d).items()}
 
 
 def provenance(dataset_fingerprint: str) -> dict:

@@ -135,7 +135,8 @@ def test_mlflow_server_killed_mid_run_training_goes_on_and_the_records_are_repla
     pytest.importorskip("ray")
     from mlflow.tracking import MlflowClient
     port = free_port()
-    senv = {**os.environ, "GRAFIT_MLFLOW_DIR": str(tmp_path / "mlflow"), "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    senv = {**os.environ, "GRAFIT_MLFLOW_DIR": str(tmp_path / "mlflow"), "MLFLOW_PORT": str(port),
+            "MLFLOW_WORKERS": "1"}
     server = os.path.join(ROOT, "cluster", "mlflow_server.sh")
     uri = f"http://127.0.0.1:{port}"
     job = write_job(tmp_path, name="offline", optim={"epochs": 8, "batch_size": 16},
@@ -257,7 +258,11 @@ def test_a_writer_killed_mid_write_never_replaces_a_good_file(tmp_path, monkeypa
 
     results = str(tmp_path / "results.json")
     save(results, {"a": 1})
-    monkeypatch.setattr(json, "dump", lambda obj, f, **k: (f.write("{half"), (_ for _ in ()).throw(KeyboardInterrupt())))
+    def half_json(obj, f, **kwargs):
+        f.write("{half")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(json, "dump", half_json)
     with pytest.raises(KeyboardInterrupt):
         save(results, {"a": 2})
     monkeypatch.undo()
