@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from grafit_core import checkpoint
-from grafit_core.config import Config, with_overrides
+from grafit_core.config import Config, flatten_dict, to_dict, with_overrides
 from grafit_core.data import Collection
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
@@ -140,6 +140,8 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
     step, history, first_epoch = 0, [], 0
     if resume_from:
         state = torch.load(os.path.join(resume_from, STATE), map_location="cpu", weights_only=True)
+        if "config" in state:
+            check_same_finetune(state["config"], cfg, resume_from)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optimizer"])
         first_epoch, step, history = state["epoch"], state["step"], state["history"]
@@ -175,11 +177,27 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
                 os.makedirs(directory, exist_ok=True)
                 if ctx.is_main:
                     checkpoint.atomic_save({"net": net.state_dict(), "optimizer": opt.state_dict(), "epoch": _epoch,
-                                            "step": _step, "history": history}, os.path.join(directory, STATE))
+                                            "step": _step, "history": history, "config": to_dict(cfg)},
+                                           os.path.join(directory, STATE))
                 checkpoint.atomic_save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{ctx.rank}.pt"))
             on_epoch(epoch + 1, stats, save)
     final = {k: v for k, v in history[-1].items() if k.startswith("finetune_")}
     return FinetuneResult(net, final, history)
+
+
+def check_same_finetune(saved: dict, cfg: Config, where: str) -> None:
+    """A fine-tuning checkpoint resumes only the same fine-tuning (more epochs allowed)."""
+    def fields(d):
+        flat = flatten_dict(d)
+        return {k: v for k, v in flat.items() if (k.startswith("finetune.") and k != "finetune.epochs")
+                or k == "seed" or k in ("data.name", "data.augment", "data.image_size")
+                or k.startswith("data.options.") and k != "data.options.cache_size"}
+    a, b = fields(saved), fields(to_dict(cfg))
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        raise ConfigError(f"{where}: the fine-tuning checkpoint was written by another config ("
+                          + "; ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:5])
+                          + "); use another run name")
 
 
 def check_finetune(cfg: Config, train: Collection) -> str:

@@ -68,6 +68,10 @@ def test_finetune_resumes_bitwise_from_its_checkpoint(tmp_path):
     resumed = finetune(cfg, train, test, resume_from=str(tmp_path / "epoch1"), log=quiet)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert resumed.metrics == full.metrics
+    from grafit_core.errors import ConfigError
+    with pytest.raises(ConfigError, match="finetune.head: 'fc' in the checkpoint, 'mlp' now"):
+        finetune(with_overrides(cfg, {"finetune.head": "mlp"}), train, test, resume_from=str(tmp_path / "epoch1"),
+                 log=quiet)
 
 
 @pytest.mark.timeout(600)
