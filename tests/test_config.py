@@ -134,6 +134,8 @@ def test_every_job_file_loads():
             check_submit_spec(path)
         elif path.endswith("reproduction.yaml"):
             check_reproduction_spec(path)
+        elif path.endswith("table6.yaml"):
+            check_table6_spec(path)
         else:
             load_config(path)
 
@@ -146,6 +148,19 @@ def check_submit_spec(path):
     argv = command_argv(spec, path, "/shared/checkpoints")
     args = build_parser().parse_args(argv)
     assert args.command == spec["kind"] and args.storage_path == "/shared/checkpoints"
+
+
+def check_table6_spec(path):
+    """benchmarks/finetune_table6.py's spec: every pre-training job and the fine-tuning job load."""
+    from grafit_core.config import with_overrides
+    spec = yaml.safe_load(open(path))
+    here = os.path.dirname(path)
+    for job in spec["pretrained"].values():
+        if job is not None:
+            assert load_config(os.path.join(here, "..", "table5", job), spec["pretrain_budget"]).optim.epochs >= 10
+    base = load_config(os.path.join(here, "omniglot.yaml"), spec["pretrain_budget"])
+    for head in spec["heads"]:
+        assert with_overrides(base, {**spec["finetune"], "finetune.head": head}).finetune.head == head
 
 
 def check_reproduction_spec(path):

@@ -1,0 +1,92 @@
+"""Issue 9's Table 6-style block: pre-train on alphabets, fine-tune on characters (FC / MLP head).
+
+    .venv/bin/python benchmarks/finetune_table6.py [--spec jobs/finetune/table6.yaml] [--summary]
+
+Each pre-training (method, seed) is trained once with `grafit_core.engine.fit` and checkpointed
+under runs/table6/; each (method, seed, head) fine-tuning cell is appended to the results JSON
+as soon as it ends, so a stopped run resumes. Prints character top-1 / top-5, mean ± std.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from grafit_core.config import load_config, with_overrides  # noqa: E402
+from grafit_core.data import prepare_data  # noqa: E402
+from grafit_core.engine import fit  # noqa: E402
+from grafit_core.finetune import finetune  # noqa: E402
+from reproduce_table5 import save  # noqa: E402
+
+
+def pretrained(spec, label, job, seed, here, data_cache):
+    """The checkpoint dir of (label, seed), trained now if it is not there yet (None: random trunk)."""
+    if job is None:
+        return None
+    out = os.path.join(ROOT, "runs", "table6", f"{label.replace(' ', '_').replace('+', 'plus')}-{seed}")
+    if not os.path.exists(os.path.join(out, "train_state.pt")):
+        cfg = load_config(os.path.join(here, "..", "table5", job), {**spec["pretrain_budget"], "seed": seed})
+        train, query = data(cfg, data_cache)
+        last = cfg.optim.epochs
+        fit(cfg, train, query, on_epoch=lambda e, s, save_to: save_to(out) if e == last else None,
+            log=lambda s: print("   ", s, flush=True))
+    return out
+
+
+def data(cfg, cache):
+    key = (cfg.data.root, cfg.data.image_size)
+    if key not in cache:
+        cache[key] = prepare_data(cfg.data)
+    return cache[key]
+
+
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default=os.path.join(ROOT, "jobs", "finetune", "table6.yaml"),
+                        help="methods, heads, seeds and the fixed budgets")
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "table6_omniglot.json"),
+                        help="results JSON; cells already in it are not run again")
+    parser.add_argument("--summary", action="store_true", help="print the table from the JSON, train nothing")
+    args = parser.parse_args(argv)
+    spec = yaml.safe_load(open(args.spec))
+    here = os.path.dirname(os.path.abspath(args.spec))
+    results = json.load(open(args.output)) if os.path.exists(args.output) else {}
+    cache: dict = {}
+    for label, job in ([] if args.summary else spec["pretrained"].items()):
+        for seed in spec["seeds"]:
+            for head in spec["heads"]:
+                key = f"{label}/{head}/{seed}"
+                if key in results:
+                    continue
+                print(f"== {key}", flush=True)
+                ckpt = pretrained(spec, label, job, seed, here, cache)
+                base = load_config(os.path.join(here, "omniglot.yaml"), {**spec["pretrain_budget"], "seed": seed})
+                cfg = with_overrides(base, {**spec["finetune"], "finetune.head": head, "finetune.checkpoint": ckpt})
+                train, test = data(cfg, cache)
+                res = finetune(cfg, train, test, log=lambda s: print("   ", s, flush=True))
+                results[key] = {"metrics": res.metrics, "history": res.history}
+                save(args.output, results)
+    level = spec["finetune"]["finetune.level"]
+    print(f"{'pre-training':14s} {'head':5s} {'seeds':5s} {'top-1 %':>12s} {'top-5 %':>12s}")
+    for label in spec["pretrained"]:
+        for head in spec["heads"]:
+            runs = [v["metrics"] for k, v in results.items() if k.rsplit("/", 2)[:2] == [label, head]]
+            if not runs:
+                continue
+            cells = []
+            for metric in ("top1", "top5"):
+                vals = [100 * r[f"finetune_{metric}/{level}"] for r in runs]
+                sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+                cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f}")
+            print(f"{label:14s} {head:5s} {len(runs):5d} {cells[0]:>12s} {cells[1]:>12s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
