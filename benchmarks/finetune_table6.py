@@ -19,10 +19,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from grafit_core.config import load_config, with_overrides  # noqa: E402
-from grafit_core.data import prepare_data  # noqa: E402
 from grafit_core.engine import fit  # noqa: E402
 from grafit_core.finetune import finetune  # noqa: E402
-from reproduce_table5 import save  # noqa: E402
+from reproduce_table5 import cached_data, save  # noqa: E402
 
 
 def pretrained(spec, label, job, seed, here, data_cache):
@@ -32,18 +31,11 @@ def pretrained(spec, label, job, seed, here, data_cache):
     out = os.path.join(ROOT, "runs", "table6", f"{label.replace(' ', '_').replace('+', 'plus')}-{seed}")
     if not os.path.exists(os.path.join(out, "train_state.pt")):
         cfg = load_config(os.path.join(here, "..", "table5", job), {**spec["pretrain_budget"], "seed": seed})
-        train, query = data(cfg, data_cache)
+        train, query = cached_data(cfg, data_cache)
         last = cfg.optim.epochs
         fit(cfg, train, query, on_epoch=lambda e, s, save_to: save_to(out) if e == last else None,
             log=lambda s: print("   ", s, flush=True))
     return out
-
-
-def data(cfg, cache):
-    key = (cfg.data.root, cfg.data.image_size)
-    if key not in cache:
-        cache[key] = prepare_data(cfg.data)
-    return cache[key]
 
 
 def run(argv=None) -> int:
@@ -68,7 +60,7 @@ def run(argv=None) -> int:
                 ckpt = pretrained(spec, label, job, seed, here, cache)
                 base = load_config(os.path.join(here, "omniglot.yaml"), {**spec["pretrain_budget"], "seed": seed})
                 cfg = with_overrides(base, {**spec["finetune"], "finetune.head": head, "finetune.checkpoint": ckpt})
-                train, test = data(cfg, cache)
+                train, test = cached_data(cfg, cache)
                 res = finetune(cfg, train, test, log=lambda s: print("   ", s, flush=True))
                 results[key] = {"metrics": res.metrics, "history": res.history}
                 save(args.output, results)

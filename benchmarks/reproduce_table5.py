@@ -47,12 +47,17 @@ def save(path: str, results: dict) -> None:
     os.replace(tmp, path)                     # a killed run never leaves half a file
 
 
+def cached_data(cfg, cache: dict):
+    """(train, query) of cfg's data, read once per (root, image size): every row shares the split."""
+    key = (cfg.data.root, cfg.data.image_size)
+    if key not in cache:
+        cache[key] = prepare_data(cfg.data)
+    return cache[key]
+
+
 def run_cell(job_path: str, overrides: dict, seed: int, data_cache: dict) -> dict:
     cfg = load_config(job_path, {**overrides, "seed": seed})
-    key = (cfg.data.root, cfg.data.image_size)
-    if key not in data_cache:                 # every row reads the same Omniglot split
-        data_cache[key] = prepare_data(cfg.data)
-    train, query = data_cache[key]
+    train, query = cached_data(cfg, data_cache)
     wall, cpu = time.time(), time.process_time()
     res = fit(cfg, train, query, log=lambda s: print("   ", s, flush=True))
     return {"metrics": res.metrics, "epochs": cfg.optim.epochs, "seed": seed,
