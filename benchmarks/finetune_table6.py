@@ -45,12 +45,19 @@ def run(argv=None) -> int:
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "table6_omniglot.json"),
                         help="results JSON; cells already in it are not run again")
     parser.add_argument("--summary", action="store_true", help="print the table from the JSON, train nothing")
+    parser.add_argument("--only", action="append", metavar="LABEL",
+                        help="run only this pre-training label (repeatable); two runs with disjoint "
+                             "labels can share the results file")
     args = parser.parse_args(argv)
     spec = yaml.safe_load(open(args.spec))
     here = os.path.dirname(os.path.abspath(args.spec))
     results = json.load(open(args.output)) if os.path.exists(args.output) else {}
     cache: dict = {}
-    for label, job in ([] if args.summary else spec["pretrained"].items()):
+    unknown = set(args.only or ()) - set(spec["pretrained"])
+    if unknown:
+        parser.error(f"--only {sorted(unknown)}: not a label of {args.spec} ({list(spec['pretrained'])})")
+    todo = {k: v for k, v in spec["pretrained"].items() if args.only is None or k in args.only}
+    for label, job in ([] if args.summary else todo.items()):
         for seed in spec["seeds"]:
             for head in spec["heads"]:
                 key = f"{label}/{head}/{seed}"

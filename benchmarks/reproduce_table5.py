@@ -8,6 +8,7 @@ resumes where it was. At the end it prints the table (mean ± std over seeds, ch
 and whether the issue's goals hold.
 """
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -41,10 +42,16 @@ def cells(spec: dict):
 
 
 def save(path: str, results: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)                     # a killed run never leaves half a file
+    """Write results merged with the cells already on disk: two runs (e.g. `--only` splits of one
+    table) can share a file without one dropping the other's cells."""
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.load(open(path)) if os.path.exists(path) else {}
+        results.update({k: v for k, v in on_disk.items() if k not in results})
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)                 # a killed run never leaves half a file
 
 
 def cached_data(cfg, cache: dict):
