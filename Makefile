@@ -21,10 +21,12 @@ demo: install
 	$(BIN)/grafit matrix jobs/matrix/omniglot.yaml
 
 # system tools the tests use (Debian packages; needs root or an existing install): headless
-# Chromium renders the MLflow UI, `ss` (iproute2) checks which address each server listens on
+# Chromium renders the MLflow UI, `ss` (iproute2) checks which address each server listens on,
+# a C compiler builds the exact-AP counting loop (grafit_core/ap_kernel.c; without one, a slower
+# torch path runs)
 system:
-	@command -v chromium >/dev/null && command -v ss >/dev/null || \
-	  (apt-get update -qq && apt-get install -y -qq chromium iproute2 >/dev/null)
+	@command -v chromium >/dev/null && command -v ss >/dev/null && command -v cc >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium iproute2 gcc >/dev/null)
 
 test: install system
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from grafit_core import ap_kernel
+
 
 class LabelIndex:
     """The rows of a collection grouped by label: a query's relevant items are one slice."""
@@ -47,13 +49,22 @@ def relevant_pairs(index, query_labels, exclude=None):
     return rows, cols, sizes
 
 
-def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None):
+def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, shift=None):
     """(q,) float64 AP of each row of `scores` (this process's columns of the collection).
+
+    shift: None, or (logits (q, C), coarse (n,)): rank by scores + logits[row, coarse[item]]
+    (eq. 5), added on the fly by the compiled counting loop instead of a q x N tensor.
 
     With ctx (world_size > 1) each rank holds a shard: rank r writes its relevant scores after
     those of ranks < r into zeros and one all-reduce gives every threshold exactly once
     (x + 0 == x); the counts at or above are summed the same way.
     """
+    ws, fused = ws or Workspace(), ap_kernel.usable(scores)
+    if shift is not None and not fused:     # the torch path needs the ranked scores themselves
+        logits, coarse = shift
+        shape, dt, dev = scores.shape, scores.dtype, scores.device
+        added = torch.gather(logits, 1, coarse.expand(shape), out=ws.get("coarse", shape, dt, dev))
+        scores, shift = torch.add(scores, added, out=ws.get("ranked", shape, dt, dev)), None
     rows, cols, n_local = relevant_pairs(index, query_labels, exclude)
     sharded = ctx is not None and ctx.distributed
     if sharded:
@@ -68,11 +79,13 @@ def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None):
     pos = torch.arange(rows.numel(), device=rows.device) - first[rows] + col_start[rows]
     thr = scores.new_zeros(scores.shape[0], r_max)
     thr[rows, pos] = scores.reshape(-1)[rows * scores.shape[1] + cols]
+    if shift is not None:                   # the same float32 add as the loop's
+        thr[rows, pos] += shift[0][rows, shift[1][cols]]
     if sharded:
         thr = ctx.all_reduce_sum(thr)
     pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
     thr = thr.masked_fill(pads, float("inf")).sort(dim=1).values
-    n_ge = _count_at_or_above(thr, scores, ws)
+    n_ge = ap_kernel.count_at_or_above(thr, scores, shift) if fused else _count_at_or_above(thr, scores, ws)
     if sharded:
         n_ge = ctx.all_reduce_sum(n_ge)
     return _ap_from_counts(thr, n_rel, n_ge)

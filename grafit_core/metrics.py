@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from grafit_core.ap import LabelIndex, Workspace, _ap_from_counts, _count_at_or_above, chunk_ap  # noqa: F401
+from grafit_core.ap import LabelIndex, Workspace, _ap_from_counts, _count_at_or_above, chunk_ap
 
 # Clip coarse probabilities so that log(p / (1 - p)) stays finite (a one-hot p
 # is the oracle of §3.2: it puts the query's coarse class first).
@@ -216,19 +216,14 @@ def _coarse_logits(query_coarse_probs):
     return (torch.log(p) - torch.log1p(-p)).float()
 
 
-def score_chunks(query, collection, chunk_size, ws, *, logits=None, collection_coarse=None, exclude=None):
+def score_chunks(query, collection, chunk_size, ws, *, exclude=None):
     """Per chunk of (normalised) queries: (start, float32 scores against `collection`, a whole
-    collection or one shard), + eq. 5's log(p / (1 - p)) of each item's coarse class when logits
-    are given; each query's `exclude` row (an index into `collection`, -1 none) scores -inf.
-    The scores live in a workspace buffer, valid until the next chunk."""
+    collection or one shard); each query's `exclude` row (an index into `collection`, -1 none)
+    scores -inf. The scores live in a workspace buffer, valid until the next chunk."""
     dev = query.device
     for start in range(0, query.shape[0], chunk_size):
         q = query[start:start + chunk_size]
-        shape = (q.shape[0], collection.shape[0])
-        scores = torch.mm(q, collection.T, out=ws.get("scores", shape, torch.float32, dev))
-        if logits is not None:
-            scores += torch.gather(logits[start:start + q.shape[0]], 1, collection_coarse.expand(shape),
-                                   out=ws.get("coarse", shape, torch.float32, dev))
+        scores = torch.mm(q, collection.T, out=ws.get("scores", (q.shape[0], collection.shape[0]), torch.float32, dev))
         _mask_excluded(scores, exclude, start)
         yield start, scores
 
@@ -257,9 +252,9 @@ def ranked_aps(query, query_labels, collection, collection_labels, collection_co
     logits = None if query_coarse_probs is None else _coarse_logits(query_coarse_probs.to(dev))
     coarse = None if collection_coarse is None else collection_coarse.to(dev).long()
     aps = [chunk_ap(scores, labels[start:start + len(scores)], index, ctx=ctx, ws=ws,
-                    exclude=None if exclude is None else exclude[start:start + len(scores)])
-           for start, scores in score_chunks(query, collection, chunk_size, ws, logits=logits,
-                                             collection_coarse=coarse, exclude=exclude)]
+                    exclude=None if exclude is None else exclude[start:start + len(scores)],
+                    shift=None if logits is None else (logits[start:start + len(scores)], coarse))
+           for start, scores in score_chunks(query, collection, chunk_size, ws, exclude=exclude)]
     return torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
 
 

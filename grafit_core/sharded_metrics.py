@@ -240,12 +240,10 @@ def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_
             for v in votes:
                 preds[v][start:stop] = probs[v].argmax(dim=1)
         for name, r in rankings.items():
-            ranked = scores
-            if r is not None:
+            shift = None
+            if r is not None:     # eq. 5: + log(p / (1 - p)) of each item's coarse class
                 logits = given[name][start:stop] if r[0] == "probs" else _coarse_logits(probs[tuple(r[1:])])
-                shape, dt = scores.shape, scores.dtype
-                coarse = torch.gather(logits, 1, lab[r[1]].expand(shape), out=ws.get("coarse", shape, dt, dev))
-                ranked = torch.add(scores, coarse, out=ws.get("ranked", shape, dt, dev))
+                shift = (logits, lab[r[1]])
             for lv in ap_levels:
-                aps[(name, lv)].append(chunk_ap(ranked, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws))
+                aps[(name, lv)].append(chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws, shift=shift))
     return preds, {key: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for key, v in aps.items()}

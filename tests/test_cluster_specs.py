@@ -79,6 +79,7 @@ def test_dockerfile_installs_the_project_on_the_matching_ray_image():
     assert "WORKDIR /app" in lines
     run = " ".join(x for x in lines if x.startswith("RUN"))
     assert "pip install --no-cache-dir -r requirements.txt" in run and "pip install --no-cache-dir --no-deps ." in run
+    assert "ap_kernel.kernel() is not None" in " ".join(lines)   # the AP loop is built into the image
 
 
 def test_mlflow_manifest_serves_artifacts_inside_the_cluster():

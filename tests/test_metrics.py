@@ -139,12 +139,23 @@ def test_choose_k_equals_brute_force_leave_one_out():
 
 # ------------------------------------------------------------------ retrieval AP
 
+@pytest.fixture(params=["fused", "torch"])
+def counting(request, monkeypatch):
+    """Run an AP test through the compiled counting loop and through the torch reference path."""
+    from grafit_core import ap_kernel
+    if request.param == "torch":
+        monkeypatch.setattr(ap_kernel, "usable", lambda scores: False)
+    else:
+        assert ap_kernel.kernel() is not None, "the AP kernel did not build (is a C compiler installed?)"
+    return request.param
+
+
 def _sklearn_aps(scores, relevant):
     return np.array([average_precision_score(relevant[i], scores[i]) if relevant[i].any() else np.nan
                      for i in range(len(scores))])
 
 
-def test_ap_hand_worked():
+def test_ap_hand_worked(counting):
     # Ranking [rel, non, rel]: AP = (1/1 + 2/3) / 2.
     coll = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     ap = average_precisions(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), coll, torch.tensor([0, 1, 0]))
@@ -152,7 +163,7 @@ def test_ap_hand_worked():
     assert ap[0].item() == pytest.approx((1 + 2 / 3) / 2, abs=1e-12)
 
 
-def test_ap_random_matches_sklearn():
+def test_ap_random_matches_sklearn(counting):
     q, ql, coll, cl = _data(8)
     aps = average_precisions(q, ql, coll, cl, chunk_size=7)
     rel = (ql[:, None] == cl[None, :]).numpy()
@@ -171,7 +182,7 @@ def test_ap_tied_scores_match_sklearn():
     assert math.isnan(got[0].item())
 
 
-def test_ap_exact_ties_through_public_api():
+def test_ap_exact_ties_through_public_api(counting):
     # Rows among +-e_i: cosines are exactly -1, 0 or 1, so ties are exact in float32.
     g = torch.Generator().manual_seed(10)
     basis = torch.cat([torch.eye(4), -torch.eye(4)])
@@ -194,7 +205,7 @@ def _conditioned64(q, coll, probs, coarse):
     return out
 
 
-def test_ap_conditioned_matches_sklearn():
+def test_ap_conditioned_matches_sklearn(counting):
     q, ql, coll, cl = _data(11, q=30, n=200, classes=6)
     coarse = cl // 2
     g = torch.Generator().manual_seed(12)
@@ -205,7 +216,7 @@ def test_ap_conditioned_matches_sklearn():
     np.testing.assert_allclose(aps.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_ap_oracle_one_hot():
+def test_ap_oracle_one_hot(counting):
     q, ql, coll, cl = _data(13, q=30, n=200, classes=6)
     coarse = cl // 2
     oracle = torch.nn.functional.one_hot(ql // 2, 3).float()
@@ -219,7 +230,7 @@ def test_ap_oracle_one_hot():
         retrieval_map(q, ql, coll, cl)
 
 
-def test_no_relevant_query_is_nan_and_left_out_of_mean():
+def test_no_relevant_query_is_nan_and_left_out_of_mean(counting):
     q, ql, coll, cl = _data(14, q=10, n=100, classes=3)
     ql[[2, 7]] = 99  # no collection item has label 99
     aps = average_precisions(q, ql, coll, cl)
@@ -230,7 +241,7 @@ def test_no_relevant_query_is_nan_and_left_out_of_mean():
     assert math.isnan(retrieval_map(q[:1], torch.tensor([99]), coll, cl))
 
 
-def test_ap_chunk_sizes_and_exclude():
+def test_ap_chunk_sizes_and_exclude(counting):
     _, _, coll, cl = _data(15, n=150)
     rows = torch.tensor([5, 0, 149, 80])
     ref = average_precisions(coll[rows], cl[rows], coll, cl, chunk_size=1000)

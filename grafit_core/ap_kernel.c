@@ -1,0 +1,105 @@
+/* Exact "#items at or above each threshold" per query row, in one fused pass over the scores.
+ *
+ * The torch path of grafit_core/ap.py (_count_at_or_above) is the reference; this loop computes
+ * the same counts without the 6-8 full passes over the q x N scores that torch operations need.
+ * Built and loaded by grafit_core/ap_kernel.py (plain C, no Python or torch headers).
+ *
+ * Per row i, thr[i, :] holds the row's relevant scores sorted ascending, +inf/NaN pads last.
+ * An item's score s (plus, for eq. 5's conditioned ranking, logits[i, coarse[item]], the same
+ * float32 add as torch) gets slot = #thresholds <= s; n_ge[i, j] = #items with slot > j.
+ * Thresholds in [t_first, t_last] are cut into uniform bins with the same float ops for items
+ * and thresholds, so the bin order never contradicts the score order: an item starts from the
+ * number of thresholds in lower bins and compares only those sharing its bin. NaN items count
+ * nowhere; an item below every finite threshold needs one comparison. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <float.h>
+
+static int64_t next_pow2(int64_t x) {
+    int64_t p = 1;
+    while (p < x) p <<= 1;
+    return p;
+}
+
+int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
+                    const float *thr, int64_t r_max, const float *logits, int64_t n_coarse,
+                    const int64_t *coarse, int64_t *n_ge) {
+    int64_t *hist = malloc((size_t)(r_max + 1) * sizeof(int64_t));
+    int64_t *hist4 = malloc((size_t)(r_max + 1) * 4 * sizeof(int64_t));
+    float *tt = malloc((size_t)(r_max + 1) * sizeof(float));
+    int64_t cap = 0;
+    int32_t *below = NULL;
+    if (!hist || !hist4 || !tt) { free(hist); free(hist4); free(tt); return 1; }
+    for (int64_t i = row0; i < row1; i++) {
+        const float *t = thr + i * r_max, *s = scores + i * stride;
+        const float *lg = logits ? logits + i * n_coarse : NULL;
+        int64_t *out = n_ge + i * r_max;
+        int64_t a = 0, m = 0;
+        while (a < r_max && t[a] == -INFINITY) a++;                  /* <= every non-NaN item */
+        m = a;
+        while (m < r_max && t[m] < INFINITY) m++;                    /* then the finite ones */
+        memset(hist, 0, (size_t)(r_max + 1) * sizeof(int64_t));
+        memset(hist4, 0, (size_t)(r_max + 1) * 4 * sizeof(int64_t));
+        if (m > a) {
+            const float lo = t[a], hi = t[m - 1];
+            int64_t bins = next_pow2(16 * (m - a));
+            if (bins > n / 8) bins = next_pow2(n / 8 > 16 ? n / 8 : 16);
+            const float inv = hi > lo ? (float)bins / (hi - lo) : 0.0f;
+            if (bins + 1 > cap) {
+                free(below);
+                cap = bins + 1;
+                below = malloc((size_t)cap * sizeof(int32_t));
+                if (!below) { free(hist); free(hist4); free(tt); return 1; }
+            }
+            memset(below, 0, (size_t)(bins + 1) * sizeof(int32_t));
+            for (int64_t j = a; j < m; j++) {                        /* per bin: #thresholds */
+                int64_t b = (int64_t)((t[j] - lo) * inv);
+                below[(b < bins ? b : bins - 1) + 1]++;
+            }
+            below[0] = (int32_t)a;
+            for (int64_t b = 1; b <= bins; b++) below[b] += below[b - 1];   /* #in lower bins */
+            memcpy(tt, t, (size_t)m * sizeof(float));
+            tt[m] = INFINITY;                       /* sentinel: every scan stops at m */
+            /* no unpredictable branch for the common item (0 or 1 threshold in its bin): the
+               comparisons are data, not jumps; 4 histograms break the chain of dependent
+               increments of one count */
+            for (int64_t k = 0; k < n; k++) {
+                const float v = lg ? s[k] + lg[coarse[k]] : s[k];
+                float c = v > lo ? v : lo;              /* NaN -> lo (not fmaxf: a libm call) */
+                c = c < hi ? c : hi;
+                int64_t b = (int64_t)((c - lo) * inv);
+                b = b < bins ? b : bins - 1;
+                const float w = v < FLT_MAX ? v : FLT_MAX;  /* +inf: above every finite one */
+                int64_t slot = below[b], end = below[b + 1];      /* thresholds of bin b */
+                if (end - slot <= 1) {
+                    slot += tt[slot] <= w;  /* tt[slot] of an empty bin is in a higher one: > w */
+                } else {                    /* ties or a crowded bin: binary search in it */
+                    while (slot < end) {
+                        const int64_t mid = (slot + end) / 2;
+                        if (tt[mid] <= w) slot = mid + 1; else end = mid;
+                    }
+                }
+                hist4[4 * slot + (k & 3)] += v == v;    /* a NaN item counts nowhere */
+            }
+        } else if (a) {
+            for (int64_t k = 0; k < n; k++) {
+                const float v = lg ? s[k] + lg[coarse[k]] : s[k];
+                if (v == v) hist[a]++;
+            }
+        }
+        for (int64_t j = 0; j <= m; j++)
+            hist[j] += hist4[4 * j] + hist4[4 * j + 1] + hist4[4 * j + 2] + hist4[4 * j + 3];
+        int64_t above = 0;                          /* n_ge[j] = #items with slot > j */
+        for (int64_t j = r_max - 1; j >= 0; j--) {
+            above += hist[j + 1];
+            out[j] = above;
+        }
+    }
+    free(below);
+    free(hist);
+    free(hist4);
+    free(tt);
+    return 0;
+}

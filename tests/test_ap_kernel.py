@@ -1,0 +1,69 @@
+"""The compiled AP counting loop (grafit_core/ap_kernel.c) against the torch reference path."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from grafit_core import ap_kernel
+from grafit_core.ap import _count_at_or_above
+
+
+def _case(seed, quantised, with_nan):
+    g = torch.Generator().manual_seed(seed)
+    q, n, r = 1 + seed % 17, 1 + (seed * 389) % 3000, 1 + (seed * 7) % 60
+    s = torch.randn(q, n, generator=g)
+    if quantised:                                   # many exact ties, thresholds sharing a bin
+        s = (s * 4).round() / 4
+    s[torch.rand(q, n, generator=g) < 0.01] = float("-inf")          # excluded items
+    if with_nan:
+        s[torch.rand(q, n, generator=g) < 0.01] = float("nan")
+    return s, g, r
+
+
+def _thresholds(ranked, g, r):
+    thr = ranked[:, torch.randint(0, ranked.shape[1], (r,), generator=g)].clone()
+    thr[torch.rand(thr.shape, generator=g) < 0.2] = float("inf")       # pads
+    thr[~torch.isfinite(thr)] = float("inf")
+    return thr.sort(dim=1).values
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_kernel_counts_equal_the_torch_path(seed):
+    assert ap_kernel.kernel() is not None, "the AP kernel did not build (is a C compiler installed?)"
+    s, g, r = _case(seed, quantised=seed % 2 == 1, with_nan=seed % 3 == 0)
+    thr = _thresholds(s, g, r)
+    finite = torch.isfinite(thr)                    # pad columns are never read
+    assert torch.equal(ap_kernel.count_at_or_above(thr, s)[finite], _count_at_or_above(thr, s)[finite])
+    # eq. 5: the loop adds logits[row, coarse[item]] itself; the torch path gets the sums
+    logits, coarse = torch.randn(s.shape[0], 5, generator=g), torch.randint(0, 5, (s.shape[1],), generator=g)
+    ranked = s + logits[:, coarse]
+    thr = _thresholds(ranked, g, r)
+    finite = torch.isfinite(thr)
+    assert torch.equal(ap_kernel.count_at_or_above(thr, s, (logits, coarse))[finite],
+                       _count_at_or_above(thr, ranked)[finite])
+
+
+def test_kernel_hand_worked_and_degenerate_rows():
+    s = torch.tensor([[0.5, 0.1, 0.9, 0.5, float("nan"), float("-inf")]])
+    thr = torch.tensor([[0.1, 0.5, 0.5, 0.9, float("inf")]])
+    # >= 0.1: 4 items, >= 0.5: 3, >= 0.9: 1; NaN and -inf count nowhere
+    assert ap_kernel.count_at_or_above(thr, s)[0, :4].tolist() == [4, 3, 3, 1]
+    same = torch.full((1, 40), 0.25)                # every threshold in one bin: binary search
+    items = torch.linspace(0, 0.5, 1001)[None]
+    assert ap_kernel.count_at_or_above(same, items)[0].tolist() == [int((items >= 0.25).sum())] * 40
+    none = torch.full((2, 3), float("inf"))         # a row without relevant items
+    assert ap_kernel.count_at_or_above(none, torch.randn(2, 9)).sum() == 0
+
+
+def test_without_the_kernel_the_torch_path_runs(tmp_path):
+    code = ("import torch; from grafit_core import ap_kernel; from grafit_core.metrics import retrieval_map;"
+            "assert ap_kernel.kernel() is None and not ap_kernel.usable(torch.zeros(1, 1));"
+            "x = torch.eye(3); print(retrieval_map(x, torch.arange(3), x, torch.arange(3)))")
+    env = {**os.environ, "GRAFIT_AP_KERNEL": "0", "GRAFIT_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1.0"
+    env = {**os.environ, "CC": "/nonexistent/cc", "GRAFIT_CACHE": str(tmp_path)}   # no compiler: a warning
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1.0" and "AP kernel unavailable" in out.stderr
