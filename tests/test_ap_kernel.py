@@ -67,3 +67,19 @@ def test_without_the_kernel_the_torch_path_runs(tmp_path):
     env = {**os.environ, "CC": "/nonexistent/cc", "GRAFIT_CACHE": str(tmp_path)}   # no compiler: a warning
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1.0" and "AP kernel unavailable" in out.stderr
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_kernel_skips_blocks_below_every_threshold_exactly(shifted):
+    # thresholds among each row's best scores: most blocks of 16 items lie wholly below them and
+    # are skipped for the whole row (a -inf item or a NaN in a skipped block changes nothing)
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(6, 5000, generator=g)
+    s[:, ::97] = float("-inf")
+    s[:, 5::101] = float("nan")
+    logits, coarse = torch.randn(6, 7, generator=g) * 3, torch.randint(0, 7, (5000,), generator=g)
+    ranked = s + logits[:, coarse] if shifted else s
+    thr = ranked.nan_to_num(float("-inf")).topk(30, dim=1).values.sort(dim=1).values
+    got = ap_kernel.count_at_or_above(thr, s, (logits, coarse) if shifted else None)
+    assert torch.equal(got, _count_at_or_above(thr, ranked))
+    assert torch.equal(got[:, -1], (ranked >= thr[:, -1:]).sum(1))       # by hand: the largest threshold
