@@ -26,14 +26,17 @@ static int64_t next_pow2(int64_t x) {
     return p;
 }
 
-/* #thresholds <= x (NaN: none counted by the caller), from the bin table; no unpredictable
-   branch for the common item (0 or 1 threshold in its bin): comparisons are data, not jumps */
-static inline int64_t slot_of(float x, float lo, float hi, float inv, int64_t bins,
-                              const int32_t *below, const float *tt) {
-    float c = x > lo ? x : lo;                  /* NaN -> lo (not fmaxf: a libm call) */
+/* the bin of x in [lo, hi] (NaN -> lo's): the same float ops for items and thresholds */
+static inline int32_t bin_of(float x, float lo, float hi, float inv, int32_t bins) {
+    float c = x > lo ? x : lo;                  /* not fmaxf: a libm call */
     c = c < hi ? c : hi;
-    int64_t b = (int64_t)((c - lo) * inv);
-    b = b < bins ? b : bins - 1;
+    const int32_t b = (int32_t)((c - lo) * inv);
+    return b < bins ? b : bins - 1;
+}
+
+/* #thresholds <= x (a NaN x is counted nowhere by the caller), from the bin table; no
+   unpredictable branch for the common item (0 or 1 threshold in its bin) */
+static inline int64_t slot_of(float x, int32_t b, const int32_t *below, const float *tt) {
     const float w = x < FLT_MAX ? x : FLT_MAX;  /* +inf: above every finite threshold */
     int64_t slot = below[b], end = below[b + 1];                  /* the thresholds of bin b */
     if (end - slot <= 1)
@@ -76,10 +79,8 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
                 if (!below) { free(hist); free(hist4); free(tt); return 1; }
             }
             memset(below, 0, (size_t)(bins + 1) * sizeof(int32_t));
-            for (int64_t j = a; j < m; j++) {                        /* per bin: #thresholds */
-                int64_t b = (int64_t)((t[j] - lo) * inv);
-                below[(b < bins ? b : bins - 1) + 1]++;
-            }
+            for (int64_t j = a; j < m; j++)                          /* per bin: #thresholds */
+                below[bin_of(t[j], lo, hi, inv, bins) + 1]++;
             below[0] = (int32_t)a;
             for (int64_t b = 1; b <= bins; b++) below[b] += below[b - 1];   /* #in lower bins */
             memcpy(tt, t, (size_t)m * sizeof(float));
@@ -87,24 +88,27 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
             /* 4 histograms break the chain of dependent increments of one count */
             /* a block of items wholly below the smallest threshold counts nowhere (with no -inf
                threshold): conditioned ranking pushes most items of other coarse classes there.
-               After PROBE blocks, a row where fewer than 1 in 4 were skipped drops the test. */
-            int64_t k0 = 0, skipped = 0;
-            for (; k0 < n && (k0 < PROBE * BLOCK || 4 * skipped >= PROBE); k0 += BLOCK) {
+               After PROBE blocks, a row where fewer than 1 in 4 were skipped drops the test.
+               Bins are computed for a whole block first: that loop vectorises. */
+            int64_t skipped = 0;
+            for (int64_t k0 = 0; k0 < n; k0 += BLOCK) {
                 const int64_t len = n - k0 < BLOCK ? n - k0 : BLOCK;
+                const int probe = k0 < PROBE * BLOCK || 4 * skipped >= PROBE;
                 float buf[BLOCK], top = -INFINITY;
+                int32_t bin[BLOCK];
                 const float *v = s + k0;
-                if (lg) {
-                    for (int64_t j = 0; j < len; j++) buf[j] = s[k0 + j] + lg[coarse[k0 + j]];
+                if (lg || len < BLOCK) {                /* the last block: pad, never read past */
+                    for (int64_t j = 0; j < len; j++) buf[j] = lg ? s[k0 + j] + lg[coarse[k0 + j]] : s[k0 + j];
+                    for (int64_t j = len; j < BLOCK; j++) buf[j] = -INFINITY;
                     v = buf;
                 }
-                for (int64_t j = 0; j < len; j++) top = v[j] > top ? v[j] : top;
-                if (!(top >= lo) && a == 0) { skipped++; continue; }
+                if (probe) {
+                    for (int64_t j = 0; j < len; j++) top = v[j] > top ? v[j] : top;
+                    if (!(top >= lo) && a == 0) { skipped++; continue; }
+                }
+                for (int j = 0; j < BLOCK; j++) bin[j] = bin_of(v[j], lo, hi, inv, (int32_t)bins);  /* SIMD */
                 for (int64_t j = 0; j < len; j++)
-                    hist4[4 * slot_of(v[j], lo, hi, inv, bins, below, tt) + (j & 3)] += v[j] == v[j];
-            }
-            for (int64_t k = k0; k < n; k++) {
-                const float v = lg ? s[k] + lg[coarse[k]] : s[k];
-                hist4[4 * slot_of(v, lo, hi, inv, bins, below, tt) + (k & 3)] += v == v;
+                    hist4[4 * slot_of(v[j], bin[j], below, tt) + (j & 3)] += v[j] == v[j];
             }
         } else if (a) {
             for (int64_t k = 0; k < n; k++) {
@@ -124,5 +128,36 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
     free(hist);
     free(hist4);
     free(tt);
+    return 0;
+}
+
+/* a ranks above b as in torch.topk: NaN above everything, then by value */
+static inline int above(float a, float b) {
+    return a > b || (a != a && b == b);
+}
+
+/* torch.topk(scores[row0:row1], k, dim=1) (sorted, largest first), in one pass per row: an item
+ * enters the k-list only if it beats the current k-th (rare after the first few hundred items,
+ * so the test is a well-predicted branch); ties keep the earlier item first. */
+int grafit_topk(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
+                int64_t k, float *vals, int64_t *idx) {
+    if (k < 1 || k > n) return 2;
+    for (int64_t i = row0; i < row1; i++) {
+        const float *s = scores + i * stride;
+        float *v = vals + i * k;
+        int64_t *ix = idx + i * k, filled = 0;
+        for (int64_t j = 0; j < n; j++) {
+            const float x = s[j];
+            if (filled == k && !(x > v[k - 1]) && (x == x || v[k - 1] != v[k - 1])) continue;  /* !above */
+            int64_t p = filled < k ? filled++ : k - 1;   /* drop the k-th, insert x in order */
+            while (p > 0 && above(x, v[p - 1])) {
+                v[p] = v[p - 1];
+                ix[p] = ix[p - 1];
+                p--;
+            }
+            v[p] = x;
+            ix[p] = j;
+        }
+    }
     return 0;
 }

@@ -45,15 +45,16 @@ def _build():
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    fn = ctypes.CDLL(lib).grafit_count_ge
+    dll = ctypes.CDLL(lib)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
-    fn.restype = ctypes.c_int
-    return fn
+    dll.grafit_count_ge.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
+    dll.grafit_topk.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
+    dll.grafit_count_ge.restype = dll.grafit_topk.restype = ctypes.c_int
+    return dll
 
 
 def kernel():
-    """The compiled function, or None (torch fallback); built once per process."""
+    """The compiled library, or None (torch fallback); built once per process."""
     with _lock:
         if "fn" not in _state:
             _state["fn"] = None
@@ -78,31 +79,48 @@ def _pool(threads):
     return _state["pool"]
 
 
+def _split_rows(fn, q, *args):
+    """fn(*args[:3], row0, row1, *args[3:]) over row ranges, one per torch thread; ctypes
+    releases the GIL during each call, so the ranges run in parallel."""
+    threads = max(1, min(torch.get_num_threads(), q))
+    bounds = [q * t // threads for t in range(threads + 1)]
+    calls = [(*args[:3], bounds[t], bounds[t + 1], *args[3:]) for t in range(threads) if bounds[t] < bounds[t + 1]]
+    codes = list(_pool(threads).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
+    if any(codes):
+        raise RuntimeError(f"grafit AP kernel: {fn.__name__} failed with code {max(codes)} (1: out of memory)")
+
+
+def _rows(scores):
+    return scores if scores.stride(1) == 1 else scores.contiguous()
+
+
 def count_at_or_above(thr, scores, shift=None):
     """(q, r_max) int64: per row, #items whose score (+ shift) is >= each threshold of thr.
 
     thr: (q, r_max) float32 sorted per row, +inf pads last. shift: None or (logits (q, C),
-    coarse (n,)) adding logits[row, coarse[item]] to each score (eq. 5). Rows are split across
-    torch's thread count; ctypes releases the GIL during each call.
+    coarse (n,)) adding logits[row, coarse[item]] to each score (eq. 5).
     """
-    fn = kernel()
-    q, r_max = thr.shape
-    n = scores.shape[1]
-    if scores.stride(1) != 1:
-        scores = scores.contiguous()
-    thr = thr.contiguous()
+    scores, thr = _rows(scores), thr.contiguous()
     logits, coarse = shift if shift is not None else (None, None)
     if shift is not None:
         logits, coarse = logits.float().contiguous(), coarse.long().contiguous()
-    n_ge = torch.empty(q, r_max, dtype=torch.int64)
-    args = (scores.data_ptr(), n, scores.stride(0))
-    tail = (thr.data_ptr(), r_max, logits.data_ptr() if logits is not None else None,
-            logits.shape[1] if logits is not None else 0, coarse.data_ptr() if coarse is not None else None,
-            n_ge.data_ptr())
-    threads = max(1, min(torch.get_num_threads(), q))
-    bounds = [q * t // threads for t in range(threads + 1)]
-    calls = [(*args, bounds[t], bounds[t + 1], *tail) for t in range(threads) if bounds[t] < bounds[t + 1]]
-    codes = list(_pool(threads).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
-    if any(codes):
-        raise MemoryError("grafit AP kernel: out of memory")
+    n_ge = torch.empty(thr.shape, dtype=torch.int64)
+    _split_rows(kernel().grafit_count_ge, thr.shape[0], scores.data_ptr(), scores.shape[1], scores.stride(0),
+                thr.data_ptr(), thr.shape[1], None if logits is None else logits.data_ptr(),
+                0 if logits is None else logits.shape[1], None if coarse is None else coarse.data_ptr(),
+                n_ge.data_ptr())
     return n_ge
+
+
+def topk(scores, k):
+    """torch.topk(scores, k, dim=1) on CPU float32 (values equal; rows tied at the k-th value
+    may pick another of the tied items, which torch leaves unspecified too): one pass per row
+    instead of a partial sort, through the compiled loop where it is usable."""
+    if not usable(scores):
+        return scores.topk(k, dim=1)
+    scores = _rows(scores)
+    vals = torch.empty(scores.shape[0], k, dtype=torch.float32)
+    idx = torch.empty(scores.shape[0], k, dtype=torch.int64)
+    _split_rows(kernel().grafit_topk, scores.shape[0], scores.data_ptr(), scores.shape[1], scores.stride(0),
+                k, vals.data_ptr(), idx.data_ptr())
+    return vals, idx

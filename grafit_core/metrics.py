@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from grafit_core import ap_kernel
 from grafit_core.ap import LabelIndex, Workspace, _ap_from_counts, _count_at_or_above, chunk_ap
 
 # Clip coarse probabilities so that log(p / (1 - p)) stays finite (a one-hot p
@@ -77,7 +78,7 @@ def local_topk(query, bank, k, exclude, start, backend, index=None):
         return sims, idx
     sims = query @ bank.T
     _mask_excluded(sims, exclude, start)
-    return sims.topk(k, dim=1)
+    return ap_kernel.topk(sims, k)
 
 
 def _knn_scan(query, bank, kmax, chunk_size, exclude, backend="torch"):

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from grafit_core import ap_kernel
 from grafit_core.ap import LabelIndex, Workspace, chunk_ap
 from grafit_core.memory import shard_bounds
 from grafit_core.metrics import (FaissFlat, _check_exclude, _coarse_logits, _normalise, _vote, knn_top1,
@@ -234,7 +235,7 @@ def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_
         stop = start + scores.shape[0]
         probs = {}
         if needed:
-            sims, labs = _merged_topk(*scores.topk(min(kmax, n_local), dim=1), stacked, kmax, ctx)
+            sims, labs = _merged_topk(*ap_kernel.topk(scores, min(kmax, n_local)), stacked, kmax, ctx)
             for lv, k, sigma in needed:
                 probs[(lv, k, sigma)] = _vote(sims, labs[vote_levels.index(lv)], min(k, kmax), sigma, num_classes[lv])
             for v in votes:

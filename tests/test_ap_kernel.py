@@ -83,3 +83,18 @@ def test_kernel_skips_blocks_below_every_threshold_exactly(shifted):
     got = ap_kernel.count_at_or_above(thr, s, (logits, coarse) if shifted else None)
     assert torch.equal(got, _count_at_or_above(thr, ranked))
     assert torch.equal(got[:, -1], (ranked >= thr[:, -1:]).sum(1))       # by hand: the largest threshold
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_kernel_topk_equals_torch_topk(k):
+    g = torch.Generator().manual_seed(k)
+    s = torch.randn(9, 3001, generator=g)
+    s[1, 17] = float("nan")                          # torch ranks NaN above everything
+    s[2, ::3] = float("-inf")
+    s[3] = (s[3] * 2).round() / 2                    # ties: equal values, either tied item
+    vals, idx = ap_kernel.topk(s, k)
+    ref_vals, _ = s.topk(k, dim=1)
+    assert torch.equal(vals.nan_to_num(9.0), ref_vals.nan_to_num(9.0))
+    assert torch.equal(s.gather(1, idx).nan_to_num(9.0), vals.nan_to_num(9.0))   # indices point at them
+    assert all(len(set(row)) == k for row in idx.tolist())
+    assert torch.isnan(vals[1, 0]) and idx[1, 0] == 17
