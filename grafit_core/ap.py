@@ -50,11 +50,12 @@ def relevant_pairs(index, query_labels, exclude=None):
     return rows, cols, sizes
 
 
-def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, shift=None):
+def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, shift=None, topk=0):
     """(q,) float64 AP of each row of `scores` (this process's columns of the collection).
 
     shift: None, or (logits (q, C), coarse (n,)): rank by scores + logits[row, coarse[item]]
     (eq. 5), added on the fly by the compiled counting loop instead of a q x N tensor.
+    topk > 0: return (AP, scores.topk(topk, dim=1)), the kNN's neighbours from the same pass.
 
     With ctx (world_size > 1) each rank holds a shard: rank r writes its relevant scores after
     those of ranks < r into zeros and one all-reduce gives every threshold exactly once
@@ -75,7 +76,8 @@ def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, sh
         n_rel, col_start = n_local, torch.zeros_like(n_local)
     r_max = int(n_rel.max()) if scores.shape[0] else 0
     if r_max == 0:           # the same n_rel on every rank: all skip the remaining collectives
-        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
+        ap = torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
+        return (ap, ap_kernel.topk(scores, topk)) if topk else ap
     first = torch.cumsum(n_local, 0) - n_local
     pos = torch.arange(rows.numel(), device=rows.device) - first[rows] + col_start[rows]
     values = torch.take(scores, rows * scores.shape[1] + cols)     # row-major logical index
@@ -89,10 +91,15 @@ def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, sh
         pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
         thr = thr.masked_fill(pads, float("inf"))
     thr = _sorted_rows(thr)
-    n_ge = ap_kernel.count_at_or_above(thr, scores, shift) if fused else _count_at_or_above(thr, scores, ws)
+    if fused:
+        n_ge = ap_kernel.count_at_or_above(thr, scores, shift, k=topk)
+        n_ge, top = n_ge if topk else (n_ge, None)
+    else:
+        n_ge, top = _count_at_or_above(thr, scores, ws), scores.topk(topk, dim=1) if topk else None
     if sharded:
         n_ge = ctx.all_reduce_sum(n_ge)
-    return _ap_from_counts(thr, n_rel, n_ge)
+    ap = _ap_from_counts(thr, n_rel, n_ge)
+    return (ap, top) if topk else ap
 
 
 def _sorted_rows(x):

@@ -48,9 +48,34 @@ static inline int64_t slot_of(float x, int32_t b, const int32_t *below, const fl
     return slot;
 }
 
+/* a ranks above b as in torch.topk: NaN above everything, then by value */
+static inline int above(float a, float b) {
+    return a > b || (a != a && b == b);
+}
+
+/* torch.topk(s[:n], k) (sorted, largest first) in one pass: an item enters the k-list only if
+ * it beats the current k-th (rare after the first few hundred items, so the test is a
+ * well-predicted branch); ties keep the earlier item first. */
+static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix) {
+    int64_t filled = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float x = s[j];
+        if (filled == k && !(x > v[k - 1]) && (x == x || v[k - 1] != v[k - 1])) continue;  /* !above */
+        int64_t p = filled < k ? filled++ : k - 1;       /* drop the k-th, insert x in order */
+        while (p > 0 && above(x, v[p - 1])) {
+            v[p] = v[p - 1];
+            ix[p] = ix[p - 1];
+            p--;
+        }
+        v[p] = x;
+        ix[p] = j;
+    }
+}
+
 int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
                     const float *thr, int64_t r_max, const float *logits, int64_t n_coarse,
-                    const int64_t *coarse, int64_t *n_ge) {
+                    const int64_t *coarse, int64_t *n_ge, int64_t k, float *vals, int64_t *idx) {
+    if (k > n) return 2;
     int64_t *hist = malloc((size_t)(r_max + 1) * sizeof(int64_t));
     int64_t *hist4 = malloc((size_t)(r_max + 1) * 4 * sizeof(int64_t));
     float *tt = malloc((size_t)(r_max + 1) * sizeof(float));
@@ -61,6 +86,8 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
         const float *t = thr + i * r_max, *s = scores + i * stride;
         const float *lg = logits ? logits + i * n_coarse : NULL;
         int64_t *out = n_ge + i * r_max;
+        if (k > 0)      /* the kNN top-k of the raw scores too, while the row is in cache */
+            topk_row(s, n, k, vals + i * k, idx + i * k);
         int64_t a = 0, m = 0;
         while (a < r_max && t[a] == -INFINITY) a++;                  /* <= every non-NaN item */
         m = a;
@@ -131,33 +158,11 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
     return 0;
 }
 
-/* a ranks above b as in torch.topk: NaN above everything, then by value */
-static inline int above(float a, float b) {
-    return a > b || (a != a && b == b);
-}
-
-/* torch.topk(scores[row0:row1], k, dim=1) (sorted, largest first), in one pass per row: an item
- * enters the k-list only if it beats the current k-th (rare after the first few hundred items,
- * so the test is a well-predicted branch); ties keep the earlier item first. */
+/* torch.topk(scores[row0:row1], k, dim=1) (see topk_row) */
 int grafit_topk(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
                 int64_t k, float *vals, int64_t *idx) {
     if (k < 1 || k > n) return 2;
-    for (int64_t i = row0; i < row1; i++) {
-        const float *s = scores + i * stride;
-        float *v = vals + i * k;
-        int64_t *ix = idx + i * k, filled = 0;
-        for (int64_t j = 0; j < n; j++) {
-            const float x = s[j];
-            if (filled == k && !(x > v[k - 1]) && (x == x || v[k - 1] != v[k - 1])) continue;  /* !above */
-            int64_t p = filled < k ? filled++ : k - 1;   /* drop the k-th, insert x in order */
-            while (p > 0 && above(x, v[p - 1])) {
-                v[p] = v[p - 1];
-                ix[p] = ix[p - 1];
-                p--;
-            }
-            v[p] = x;
-            ix[p] = j;
-        }
-    }
+    for (int64_t i = row0; i < row1; i++)
+        topk_row(scores + i * stride, n, k, vals + i * k, idx + i * k);
     return 0;
 }

@@ -205,14 +205,21 @@ def sharded_retrieval_map(query, query_labels, shard, shard_labels, offset, ctx,
 
 # ------------------------------------------------------------- every metric at once
 
+def pass_rows(n_shard, budget=1 << 25):
+    """Queries per chunk: 256, or more while the q x n float32 scores stay within 128 MB (up to
+    1024): fewer, larger chunks amortise the per-chunk work that does not scale with n."""
+    return max(256, min(1024, budget // max(n_shard, 1)))
+
+
 def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_classes, ctx, *, votes,
-                          ap_levels, rankings, chunk_size=256):
+                          ap_levels, rankings, chunk_size=None):
     """Every evaluation metric from ONE score matrix per chunk of queries, not one pass per metric.
 
     shard_labels / query_labels: {level: labels}. votes: {(level, k, sigma)} of eq. 6, all from
     one merged top-max(k). rankings: {name: None (cosine) | ("probs", level, (Q, C) p_c) |
     ("knn", level, k, sigma)}: eq. 5 conditioned on a given p_c, or on the eq. 6 votes of the same
-    chunk. ap_levels: the levels whose AP is computed under every ranking.
+    chunk. ap_levels: the levels whose AP is computed under every ranking. chunk_size: queries
+    per score matrix (default pass_rows: the same on every rank, as the collectives need).
     Returns ({(level, k, sigma): (Q,) predicted labels}, {(ranking, level): (Q,) float64 AP}).
     """
     dev, n_local = query.device, shard.shape[0]
@@ -231,11 +238,22 @@ def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_
     aps = {(name, lv): [] for name in rankings for lv in ap_levels}
     ws = Workspace()
     stacked = torch.stack([lab[lv] for lv in vote_levels]) if vote_levels else None
-    for start, scores in score_chunks(query, shard, chunk_size, ws):
+    # the kNN's top-k comes from the same pass over a row as the first cosine AP (row in cache);
+    # decided alike on every rank, so the collectives keep one order
+    cos = next((name for name, r in rankings.items() if r is None), None) if needed and ap_levels else None
+    k_local = min(kmax, n_local)
+    for start, scores in score_chunks(query, shard, chunk_size or pass_rows(-(-n_total // ctx.world_size)), ws):
         stop = start + scores.shape[0]
         probs = {}
+        if cos is not None:
+            lv = ap_levels[0]
+            out = chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws, topk=k_local)
+            ap, top = out if k_local else (out, ap_kernel.topk(scores, 0))
+            aps[(cos, lv)].append(ap)
+        elif needed:
+            top = ap_kernel.topk(scores, k_local)
         if needed:
-            sims, labs = _merged_topk(*ap_kernel.topk(scores, min(kmax, n_local)), stacked, kmax, ctx)
+            sims, labs = _merged_topk(*top, stacked, kmax, ctx)
             for lv, k, sigma in needed:
                 probs[(lv, k, sigma)] = _vote(sims, labs[vote_levels.index(lv)], min(k, kmax), sigma, num_classes[lv])
             for v in votes:
@@ -246,5 +264,7 @@ def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_
                 logits = given[name][start:stop] if r[0] == "probs" else _coarse_logits(probs[tuple(r[1:])])
                 shift = (logits, lab[r[1]])
             for lv in ap_levels:
-                aps[(name, lv)].append(chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws, shift=shift))
+                if (name, lv) != (cos, ap_levels[0]):
+                    aps[(name, lv)].append(chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws,
+                                                    shift=shift))
     return preds, {key: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for key, v in aps.items()}
