@@ -73,9 +73,11 @@ def usable(scores):
 
 
 def _pool(threads):
-    if _state.get("pool_size") != threads:
+    """A thread pool per (process, size): a forked child (a DataLoader worker) gets its own."""
+    key = (os.getpid(), threads)
+    if _state.get("pool_key") != key:
         _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="grafit-ap")
-        _state["pool_size"] = threads
+        _state["pool_key"] = key
     return _state["pool"]
 
 
