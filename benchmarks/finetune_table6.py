@@ -45,6 +45,7 @@ def run(argv=None) -> int:
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "table6_omniglot.json"),
                         help="results JSON; cells already in it are not run again")
     parser.add_argument("--summary", action="store_true", help="print the table from the JSON, train nothing")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     parser.add_argument("--only", action="append", metavar="LABEL",
                         help="run only this pre-training label (repeatable); two runs with disjoint "
                              "labels can share the results file")
@@ -72,7 +73,8 @@ def run(argv=None) -> int:
                 results[key] = {"metrics": res.metrics, "history": res.history}
                 save(args.output, results)
     level = spec["finetune"]["finetune.level"]
-    print(f"{'pre-training':14s} {'head':5s} {'seeds':5s} {'top-1 %':>12s} {'top-5 %':>12s}")
+    header = ["pre-training", "head", "seeds", "top-1 %", "top-5 %"]
+    rows = []
     for label in spec["pretrained"]:
         for head in spec["heads"]:
             runs = [v["metrics"] for k, v in results.items() if k.rsplit("/", 2)[:2] == [label, head]]
@@ -83,7 +85,14 @@ def run(argv=None) -> int:
                 vals = [100 * r[f"finetune_{metric}/{level}"] for r in runs]
                 sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
                 cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f}")
-            print(f"{label:14s} {head:5s} {len(runs):5d} {cells[0]:>12s} {cells[1]:>12s}")
+            rows.append([label, head.upper(), str(len(runs)), *cells])
+    if args.markdown:
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+    else:
+        print(f"{header[0]:14s} {header[1]:5s} {header[2]:5s} {header[3]:>12s} {header[4]:>12s}")
+        for r in rows:
+            print(f"{r[0]:14s} {r[1]:5s} {r[2]:5s} {r[3]:>12s} {r[4]:>12s}")
     return 0
 
 
