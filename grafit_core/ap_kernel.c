@@ -98,7 +98,8 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
             const float lo = t[a], hi = t[m - 1];
             int64_t bins = next_pow2(16 * (m - a));
             if (bins > n / 8) bins = next_pow2(n / 8 > 16 ? n / 8 : 16);
-            const float inv = hi > lo ? (float)bins / (hi - lo) : 0.0f;
+            float inv = hi > lo ? (float)bins / (hi - lo) : 0.0f;
+            if (!(inv < FLT_MAX)) inv = 0.0f;  /* a subnormal range: one bin, searched (int cast of inf is UB) */
             if (bins + 1 > cap) {
                 free(below);
                 cap = bins + 1;

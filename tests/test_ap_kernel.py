@@ -98,3 +98,12 @@ def test_kernel_topk_equals_torch_topk(k):
     assert torch.equal(s.gather(1, idx).nan_to_num(9.0), vals.nan_to_num(9.0))   # indices point at them
     assert all(len(set(row)) == k for row in idx.tolist())
     assert torch.isnan(vals[1, 0]) and idx[1, 0] == 17
+
+
+def test_kernel_thresholds_a_subnormal_apart():
+    # hi - lo subnormal: bins / (hi - lo) overflows; every threshold goes to one searched bin
+    tiny = torch.finfo(torch.float32).tiny / 4
+    thr = torch.tensor([[0.0, tiny, 2 * tiny, float("inf")]])
+    s = torch.tensor([[0.0, tiny, 3 * tiny, -1.0, 1.0]])
+    assert ap_kernel.count_at_or_above(thr, s)[0, :3].tolist() == [4, 3, 2]
+    assert torch.equal(ap_kernel.count_at_or_above(thr, s)[0, :3], _count_at_or_above(thr, s)[0, :3])
