@@ -30,8 +30,8 @@ static int64_t next_pow2(int64_t x) {
 static inline int32_t bin_of(float x, float lo, float hi, float inv, int32_t bins) {
     float c = x > lo ? x : lo;                  /* not fmaxf: a libm call */
     c = c < hi ? c : hi;
-    const int32_t b = (int32_t)((c - lo) * inv);
-    return b < bins ? b : bins - 1;
+    const float f = (c - lo) * inv;           /* NaN when hi - lo overflowed (inv = 0): the top */
+    return f < (float)bins ? (int32_t)f : bins - 1;      /* never casts NaN, inf or >= bins */
 }
 
 /* #thresholds <= x (a NaN x is counted nowhere by the caller), from the bin table; no
@@ -99,7 +99,7 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
             int64_t bins = next_pow2(16 * (m - a));
             if (bins > n / 8) bins = next_pow2(n / 8 > 16 ? n / 8 : 16);
             float inv = hi > lo ? (float)bins / (hi - lo) : 0.0f;
-            if (!(inv < FLT_MAX)) inv = 0.0f;  /* a subnormal range: one bin, searched (int cast of inf is UB) */
+            if (!(inv < FLT_MAX)) inv = 0.0f;  /* a subnormal range: one bin, searched */
             if (bins + 1 > cap) {
                 free(below);
                 cap = bins + 1;
@@ -146,10 +146,10 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
         }
         for (int64_t j = 0; j <= m; j++)
             hist[j] += hist4[4 * j] + hist4[4 * j + 1] + hist4[4 * j + 2] + hist4[4 * j + 3];
-        int64_t above = 0;                          /* n_ge[j] = #items with slot > j */
+        int64_t acc = 0;                            /* n_ge[j] = #items with slot > j */
         for (int64_t j = r_max - 1; j >= 0; j--) {
-            above += hist[j + 1];
-            out[j] = above;
+            acc += hist[j + 1];
+            out[j] = acc;
         }
     }
     free(below);

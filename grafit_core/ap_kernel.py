@@ -41,6 +41,7 @@ def _build():
         try:
             subprocess.run([os.environ.get("CC", "cc"), *_FLAGS, _SRC, "-o", tmp, "-lm"], check=True,
                            capture_output=True, timeout=120)
+            os.chmod(tmp, 0o755)                # mkstemp's 0600 would hide it from a shared cache
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
@@ -75,21 +76,24 @@ def usable(scores):
 def _pool(threads):
     """A thread pool per (process, size): a forked child (a DataLoader worker) gets its own."""
     key = (os.getpid(), threads)
-    if _state.get("pool_key") != key:
-        _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="grafit-ap")
-        _state["pool_key"] = key
-    return _state["pool"]
+    with _lock:
+        if _state.get("pool_key") != key:
+            _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="grafit-ap")
+            _state["pool_key"] = key
+        return _state["pool"]
 
 
 def _split_rows(fn, q, *args):
     """fn(*args[:3], row0, row1, *args[3:]) over row ranges, one per torch thread; ctypes
     releases the GIL during each call, so the ranges run in parallel."""
-    threads = max(1, min(torch.get_num_threads(), q))
+    pool_size = max(1, torch.get_num_threads())
+    threads = min(pool_size, max(q, 1))
     bounds = [q * t // threads for t in range(threads + 1)]
     calls = [(*args[:3], bounds[t], bounds[t + 1], *args[3:]) for t in range(threads) if bounds[t] < bounds[t + 1]]
-    codes = list(_pool(threads).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
+    codes = list(_pool(pool_size).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
     if any(codes):
-        raise RuntimeError(f"grafit AP kernel: {fn.__name__} failed with code {max(codes)} (1: out of memory)")
+        why = {1: "out of memory", 2: "k larger than the row"}.get(max(codes), "unknown")
+        raise RuntimeError(f"grafit AP kernel: {fn.__name__} failed: {why}")
 
 
 def _rows(scores):
@@ -103,10 +107,16 @@ def count_at_or_above(thr, scores, shift=None, k=0):
     coarse (n,)) adding logits[row, coarse[item]] to each score (eq. 5). k > 0: also return
     topk(scores, k) (of the scores without shift), computed while each row is in cache.
     """
-    scores, thr = _rows(scores), thr.contiguous()
+    scores, thr = _rows(scores), thr.float().contiguous()
     logits, coarse = shift if shift is not None else (None, None)
-    if shift is not None:
+    if shift is not None:               # C reads logits[row, coarse[item]] unchecked: check here
         logits, coarse = logits.float().contiguous(), coarse.long().contiguous()
+        if logits.shape[0] != thr.shape[0] or coarse.shape != (scores.shape[1],):
+            raise ValueError(f"shift: logits {tuple(logits.shape)} / coarse {tuple(coarse.shape)} do not fit "
+                             f"scores {tuple(scores.shape)}")
+        if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= logits.shape[1]):
+            raise IndexError(f"coarse label out of range [0, {logits.shape[1]}): min {int(coarse.min())}, "
+                             f"max {int(coarse.max())}")
     q = thr.shape[0]
     n_ge = torch.empty(thr.shape, dtype=torch.int64)
     vals, idx = torch.empty(q, k, dtype=torch.float32), torch.empty(q, k, dtype=torch.int64)

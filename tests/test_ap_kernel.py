@@ -107,3 +107,18 @@ def test_kernel_thresholds_a_subnormal_apart():
     s = torch.tensor([[0.0, tiny, 3 * tiny, -1.0, 1.0]])
     assert ap_kernel.count_at_or_above(thr, s)[0, :3].tolist() == [4, 3, 2]
     assert torch.equal(ap_kernel.count_at_or_above(thr, s)[0, :3], _count_at_or_above(thr, s)[0, :3])
+
+
+def test_kernel_thresholds_too_far_apart_for_a_float_range():
+    # hi - lo overflows to +inf: the bin arithmetic gives NaN for the top items, never a cast of it
+    thr = torch.tensor([[-1.8e38, 1.8e38]])
+    s = torch.tensor([[0.0, 1.0, 1.8e38, -1.8e38, 3e38]])
+    assert ap_kernel.count_at_or_above(thr, s).tolist() == [[5, 2]]
+
+
+def test_kernel_refuses_coarse_labels_outside_the_logits():
+    s, thr = torch.randn(2, 6), torch.zeros(2, 1)
+    logits = torch.zeros(2, 3)
+    for bad in (torch.tensor([0, 1, 2, 0, 1, -1]), torch.tensor([0, 1, 2, 0, 1, 3])):
+        with pytest.raises(IndexError, match="coarse label out of range"):
+            ap_kernel.count_at_or_above(thr, s, (logits, bad))
