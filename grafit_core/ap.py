@@ -50,19 +50,17 @@ def relevant_pairs(index, query_labels, exclude=None):
     return rows, cols, sizes
 
 
-def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, shift=None, topk=0):
+def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, shift=None):
     """(q,) float64 AP of each row of `scores` (this process's columns of the collection).
 
     shift: None, or (logits (q, C), coarse (n,)): rank by scores + logits[row, coarse[item]]
     (eq. 5), added on the fly by the compiled counting loop instead of a q x N tensor.
-    topk > 0: return (AP, scores.topk(topk, dim=1)), the kNN's neighbours (of the scores without
-    shift) from the same pass.
 
     With ctx (world_size > 1) each rank holds a shard: rank r writes its relevant scores after
     those of ranks < r into zeros and one all-reduce gives every threshold exactly once
     (x + 0 == x); the counts at or above are summed the same way.
     """
-    ws, fused, raw = ws or Workspace(), ap_kernel.usable(scores), scores
+    ws, fused = ws or Workspace(), ap_kernel.usable(scores)
     if shift is not None and not fused:     # the torch path needs the ranked scores themselves
         logits, coarse = shift
         shape, dt, dev = scores.shape, scores.dtype, scores.device
@@ -77,8 +75,7 @@ def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, sh
         n_rel, col_start = n_local, torch.zeros_like(n_local)
     r_max = int(n_rel.max()) if scores.shape[0] else 0
     if r_max == 0:           # the same n_rel on every rank: all skip the remaining collectives
-        ap = torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
-        return (ap, ap_kernel.topk(raw, topk)) if topk else ap
+        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
     first = torch.cumsum(n_local, 0) - n_local
     pos = torch.arange(rows.numel(), device=rows.device) - first[rows] + col_start[rows]
     values = torch.take(scores, rows * scores.shape[1] + cols)     # row-major logical index
@@ -92,15 +89,10 @@ def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, sh
         pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
         thr = thr.masked_fill(pads, float("inf"))
     thr = _sorted_rows(thr)
-    if fused:
-        n_ge = ap_kernel.count_at_or_above(thr, scores, shift, k=topk)
-        n_ge, top = n_ge if topk else (n_ge, None)
-    else:
-        n_ge, top = _count_at_or_above(thr, scores, ws), raw.topk(topk, dim=1) if topk else None
+    n_ge = ap_kernel.count_at_or_above(thr, scores, shift) if fused else _count_at_or_above(thr, scores, ws)
     if sharded:
         n_ge = ctx.all_reduce_sum(n_ge)
-    ap = _ap_from_counts(thr, n_rel, n_ge)
-    return (ap, top) if topk else ap
+    return _ap_from_counts(thr, n_rel, n_ge)
 
 
 def _sorted_rows(x):

@@ -74,8 +74,7 @@ static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix
 
 int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
                     const float *thr, int64_t r_max, const float *logits, int64_t n_coarse,
-                    const int64_t *coarse, int64_t *n_ge, int64_t k, float *vals, int64_t *idx) {
-    if (k > n) return 2;
+                    const int64_t *coarse, int64_t *n_ge) {
     int64_t *hist = malloc((size_t)(r_max + 1) * sizeof(int64_t));
     int64_t *hist4 = malloc((size_t)(r_max + 1) * 4 * sizeof(int64_t));
     float *tt = malloc((size_t)(r_max + 1) * sizeof(float));
@@ -86,8 +85,6 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
         const float *t = thr + i * r_max, *s = scores + i * stride;
         const float *lg = logits ? logits + i * n_coarse : NULL;
         int64_t *out = n_ge + i * r_max;
-        if (k > 0)      /* the kNN top-k of the raw scores too, while the row is in cache */
-            topk_row(s, n, k, vals + i * k, idx + i * k);
         int64_t a = 0, m = 0;
         while (a < r_max && t[a] == -INFINITY) a++;                  /* <= every non-NaN item */
         m = a;

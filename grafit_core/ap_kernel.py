@@ -48,7 +48,7 @@ def _build():
                 os.unlink(tmp)
     dll = ctypes.CDLL(lib)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    dll.grafit_count_ge.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr]
+    dll.grafit_count_ge.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
     dll.grafit_topk.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
     dll.grafit_count_ge.restype = dll.grafit_topk.restype = ctypes.c_int
     return dll
@@ -100,12 +100,11 @@ def _rows(scores):
     return scores if scores.stride(1) == 1 else scores.contiguous()
 
 
-def count_at_or_above(thr, scores, shift=None, k=0):
+def count_at_or_above(thr, scores, shift=None):
     """(q, r_max) int64: per row, #items whose score (+ shift) is >= each threshold of thr.
 
     thr: (q, r_max) float32 sorted per row, +inf pads last. shift: None or (logits (q, C),
-    coarse (n,)) adding logits[row, coarse[item]] to each score (eq. 5). k > 0: also return
-    topk(scores, k) (of the scores without shift), computed while each row is in cache.
+    coarse (n,)) adding logits[row, coarse[item]] to each score (eq. 5).
     """
     scores, thr = _rows(scores), thr.float().contiguous()
     logits, coarse = shift if shift is not None else (None, None)
@@ -119,12 +118,11 @@ def count_at_or_above(thr, scores, shift=None, k=0):
                              f"max {int(coarse.max())}")
     q = thr.shape[0]
     n_ge = torch.empty(thr.shape, dtype=torch.int64)
-    vals, idx = torch.empty(q, k, dtype=torch.float32), torch.empty(q, k, dtype=torch.int64)
     _split_rows(kernel().grafit_count_ge, q, scores.data_ptr(), scores.shape[1], scores.stride(0),
                 thr.data_ptr(), thr.shape[1], None if logits is None else logits.data_ptr(),
                 0 if logits is None else logits.shape[1], None if coarse is None else coarse.data_ptr(),
-                n_ge.data_ptr(), k, vals.data_ptr(), idx.data_ptr())
-    return (n_ge, (vals, idx)) if k else n_ge
+                n_ge.data_ptr())
+    return n_ge
 
 
 def topk(scores, k):

@@ -238,22 +238,11 @@ def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_
     aps = {(name, lv): [] for name in rankings for lv in ap_levels}
     ws = Workspace()
     stacked = torch.stack([lab[lv] for lv in vote_levels]) if vote_levels else None
-    # the kNN's top-k comes from the same pass over a row as the first cosine AP (row in cache);
-    # decided alike on every rank, so the collectives keep one order
-    cos = next((name for name, r in rankings.items() if r is None), None) if needed and ap_levels else None
-    k_local = min(kmax, n_local)
     for start, scores in score_chunks(query, shard, chunk_size or pass_rows(-(-n_total // ctx.world_size)), ws):
         stop = start + scores.shape[0]
         probs = {}
-        if cos is not None:
-            lv = ap_levels[0]
-            out = chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws, topk=k_local)
-            ap, top = out if k_local else (out, ap_kernel.topk(scores, 0))
-            aps[(cos, lv)].append(ap)
-        elif needed:
-            top = ap_kernel.topk(scores, k_local)
         if needed:
-            sims, labs = _merged_topk(*top, stacked, kmax, ctx)
+            sims, labs = _merged_topk(*ap_kernel.topk(scores, min(kmax, n_local)), stacked, kmax, ctx)
             for lv, k, sigma in needed:
                 probs[(lv, k, sigma)] = _vote(sims, labs[vote_levels.index(lv)], min(k, kmax), sigma, num_classes[lv])
             for v in votes:
@@ -264,7 +253,5 @@ def sharded_evaluate_pass(query, shard, offset, shard_labels, query_labels, num_
                 logits = given[name][start:stop] if r[0] == "probs" else _coarse_logits(probs[tuple(r[1:])])
                 shift = (logits, lab[r[1]])
             for lv in ap_levels:
-                if (name, lv) != (cos, ap_levels[0]):
-                    aps[(name, lv)].append(chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws,
-                                                    shift=shift))
+                aps[(name, lv)].append(chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws, shift=shift))
     return preds, {key: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for key, v in aps.items()}
