@@ -48,30 +48,6 @@ static inline int64_t slot_of(float x, int32_t b, const int32_t *below, const fl
     return slot;
 }
 
-/* a ranks above b as in torch.topk: NaN above everything, then by value */
-static inline int above(float a, float b) {
-    return a > b || (a != a && b == b);
-}
-
-/* torch.topk(s[:n], k) (sorted, largest first) in one pass: an item enters the k-list only if
- * it beats the current k-th (rare after the first few hundred items, so the test is a
- * well-predicted branch); ties keep the earlier item first. */
-static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix) {
-    int64_t filled = 0;
-    for (int64_t j = 0; j < n; j++) {
-        const float x = s[j];
-        if (filled == k && !(x > v[k - 1]) && (x == x || v[k - 1] != v[k - 1])) continue;  /* !above */
-        int64_t p = filled < k ? filled++ : k - 1;       /* drop the k-th, insert x in order */
-        while (p > 0 && above(x, v[p - 1])) {
-            v[p] = v[p - 1];
-            ix[p] = ix[p - 1];
-            p--;
-        }
-        v[p] = x;
-        ix[p] = j;
-    }
-}
-
 int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
                     const float *thr, int64_t r_max, const float *logits, int64_t n_coarse,
                     const int64_t *coarse, int64_t *n_ge) {
@@ -154,6 +130,30 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
     free(hist4);
     free(tt);
     return 0;
+}
+
+/* a ranks above b as in torch.topk: NaN above everything, then by value */
+static inline int above(float a, float b) {
+    return a > b || (a != a && b == b);
+}
+
+/* torch.topk(s[:n], k) (sorted, largest first) in one pass: an item enters the k-list only if
+ * it beats the current k-th (rare after the first few hundred items, so the test is a
+ * well-predicted branch); ties keep the earlier item first. */
+static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix) {
+    int64_t filled = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float x = s[j];
+        if (filled == k && !(x > v[k - 1]) && (x == x || v[k - 1] != v[k - 1])) continue;  /* !above */
+        int64_t p = filled < k ? filled++ : k - 1;       /* drop the k-th, insert x in order */
+        while (p > 0 && above(x, v[p - 1])) {
+            v[p] = v[p - 1];
+            ix[p] = ix[p - 1];
+            p--;
+        }
+        v[p] = x;
+        ix[p] = j;
+    }
 }
 
 /* torch.topk(scores[row0:row1], k, dim=1) (see topk_row) */
