@@ -3,7 +3,8 @@ category-level retrieval mAP, as sklearn's average_precision_score, ties include
 
 Per query, AP needs, for each of its R relevant items, #relevant and #items scoring at or above
 it. The relevant scores are gathered through a label index (O(R), never a Q x N mask), sorted
-into thresholds, and every item is counted against them in O(1) per item (`_count_at_or_above`).
+into thresholds, and every item is counted against them in O(1) per item: in one compiled loop
+on CPU (grafit_core/ap_kernel.c), else with torch operations (`_count_at_or_above`, the reference).
 With a ctx (grafit_core.distributed) the items are one shard of the collection: the thresholds
 and the counts are summed over shards, O(q x R) per chunk, never O(N).
 """
