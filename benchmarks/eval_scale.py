@@ -10,7 +10,9 @@ on this machine it prints, in units of the bare chunked product Q x d . d x N (f
                one-level pass: its mAP at the fine level                          (goal <= 1)
 and the speed-up of the mAP over sklearn's per-query average_precision_score (goal >= 20x,
 sklearn timed on a subset of queries, scores given to it for free), and the kNN time of the
-torch path against faiss' flat (exact) index.
+torch path against faiss' flat (exact) index. First, at the first N, the one pass (kNN k = 20 +
+cosine mAP) at a level of 10, 100 and 1,000 classes (R ~ N / C relevant items per query: 10 is
+a coarse level), in the same units (goal <= 2 at each).
 """
 import argparse
 import os
@@ -25,8 +27,7 @@ sys.path.insert(0, ROOT)
 
 from grafit_core.ap import Workspace  # noqa: E402
 from grafit_core.distributed import DistContext  # noqa: E402
-from grafit_core.metrics import _normalise, knn_predict_multi  # noqa: E402
-from grafit_core.sharded_metrics import sharded_evaluate_pass  # noqa: E402
+from grafit_core.metrics import FaissFlat, Ranking, evaluate_pass, knn_predict, normalise  # noqa: E402
 
 FINE, COARSE, SIGMA = 1000, 100, 0.05
 
@@ -62,16 +63,16 @@ def bare_product(q, c, chunk=256):
 
 def one_pass(q, ql, c, cl, levels, cond):
     votes = {(lv, k, SIGMA) for lv in levels for k in (10, 20)}
-    rankings = {"cosine": None, **({"cond": ("knn", "coarse", 20, SIGMA)} if cond else {})}
+    rankings = {"cosine": Ranking(), **({"cond": Ranking("coarse", k=20, sigma=SIGMA)} if cond else {})}
     nc = {"fine": FINE, "coarse": COARSE}
     labelled = [*levels, *(["coarse"] if cond and "coarse" not in levels else [])]   # p_c's votes
-    return sharded_evaluate_pass(q, c, 0, {lv: cl[lv] for lv in labelled}, {lv: ql[lv] for lv in labelled}, nc,
-                                 DistContext(), votes=votes, ap_levels=levels, rankings=rankings)
+    return evaluate_pass(q, c, 0, {lv: cl[lv] for lv in labelled}, {lv: ql[lv] for lv in labelled}, nc,
+                         DistContext(), votes=votes, ap_levels=levels, rankings=rankings)
 
 
 def sklearn_per_query(q, ql, c, cl, n_queries):
     from sklearn.metrics import average_precision_score
-    scores = (_normalise(q[:n_queries]) @ _normalise(c).T).numpy()
+    scores = (normalise(q[:n_queries]) @ normalise(c).T).numpy()
     rel = (ql["fine"][:n_queries, None] == cl["fine"][None]).numpy()
     start = time.perf_counter()
     aps = [average_precision_score(rel[i], scores[i]) for i in range(n_queries)]
@@ -83,7 +84,7 @@ def run_size(n, n_q, d, repeat):
     fine_c = centres(d, g)
     q, ql = embeddings(n_q, fine_c, g)
     c, cl = embeddings(n, fine_c, g)
-    qn, cn = _normalise(q), _normalise(c)
+    qn, cn = normalise(q), normalise(c)
     # interleaved rounds, best of each: a burst of load on a shared machine hits every timing alike
     best = {}
     for _ in range(repeat):
@@ -99,12 +100,12 @@ def run_size(n, n_q, d, repeat):
     per_query, ref = sklearn_per_query(q, ql, c, cl, n_sk)
     ours = aps[("cosine", "fine")][:n_sk].numpy()
     assert np.allclose(ours, ref, atol=1e-6), "mAP differs from sklearn"
-    t_knn, _ = timed(lambda: knn_predict_multi(q, c, {"fine": cl["fine"]}, [20], SIGMA, {"fine": FINE}), repeat)
+    t_knn, _ = timed(lambda: knn_predict(q, c, {"fine": cl["fine"]}, 0, [20], SIGMA, {"fine": FINE}, DistContext()),
+                     repeat)
     row = {"N": n, "Q": n_q, "d": d, "mm_s": t_mm, "one_level": t1 / t_mm, "+level": (t2 - t1) / t_mm,
            "+cond": (t3 - t1) / t_mm, "sklearn_x": per_query * n_q / t1, "knn_torch_s": t_knn,
            "knn_top1": float((preds[("fine", 20, SIGMA)] == ql["fine"]).float().mean())}
     try:
-        from grafit_core.metrics import FaissFlat
         t_build, index = timed(lambda: FaissFlat(cn))
         t_faiss, _ = timed(lambda: index.search(qn, 20), repeat)
         row.update({"faiss_build_s": t_build, "knn_faiss_s": t_faiss})
@@ -113,14 +114,41 @@ def run_size(n, n_q, d, repeat):
     return row
 
 
+def by_classes(n, n_q, d, classes, repeat):
+    """{C: one pass (kNN k = 20 + cosine mAP at a level of C classes) / bare product}, interleaved."""
+    g = torch.Generator().manual_seed(n)
+    fine_c = centres(d, g)
+    q, ql = embeddings(n_q, fine_c, g)
+    c, cl = embeddings(n, fine_c, g)
+    qn, cn = normalise(q), normalise(c)
+    best = {}
+    for _ in range(repeat):
+        for name in ["mm", *classes]:
+            if name == "mm":
+                t, _ = timed(lambda: bare_product(qn, cn))
+            else:
+                lab, qlab = {"l": cl["fine"] % name}, {"l": ql["fine"] % name}
+                t, _ = timed(lambda: evaluate_pass(q, c, 0, lab, qlab, {"l": name}, DistContext(),
+                                                   votes={("l", 20, SIGMA)}, ap_levels=["l"],
+                                                   rankings={"cosine": Ranking()}))
+            best[name] = min(best.get(name, float("inf")), t)
+    return {C: best[C] / best["mm"] for C in classes}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="50000,200000", help="collection sizes N, comma-separated")
     parser.add_argument("--queries", type=int, default=2000, help="queries Q (default 2000)")
     parser.add_argument("--dim", type=int, default=128, help="embedding dimension d (default 128)")
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs per timing (default 2)")
+    parser.add_argument("--classes", default="10,100,1000", help="class counts of the per-level table ('' skips it)")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    if args.classes:
+        n = int(args.sizes.split(",")[0])
+        ratios = by_classes(n, args.queries, args.dim, [int(x) for x in args.classes.split(",")], args.repeat)
+        print(f"one pass / product at N = {n}, Q = {args.queries}, d = {args.dim} (kNN k = 20 + cosine mAP, "
+              "goal <= 2): " + ", ".join(f"{C} classes (R ~ {n // C}) {r:.2f}" for C, r in ratios.items()), flush=True)
     cols = ["N", "Q", "d", "knn_top1", "mm_s", "one_level", "+level", "+cond", "sklearn_x", "knn_torch_s",
             "faiss_build_s", "knn_faiss_s"]
     print("  ".join(f"{c:>13s}" for c in cols), flush=True)

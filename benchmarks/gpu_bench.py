@@ -24,8 +24,7 @@ from grafit_core.config import Config  # noqa: E402
 from grafit_core.distributed import DistContext  # noqa: E402
 from grafit_core.memory import MemoryBank  # noqa: E402
 from grafit_core.methods import get_method  # noqa: E402
-from grafit_core.metrics import _normalise  # noqa: E402
-from grafit_core.sharded_metrics import sharded_evaluate_pass  # noqa: E402
+from grafit_core.metrics import Ranking, evaluate_pass, normalise  # noqa: E402
 
 
 def sync(device):
@@ -46,7 +45,7 @@ def train_step_rate(name, args, device):
             method = get_method(name)(cfg, 3, args.classes).to(device)
             dim = method.net.embed_dim                 # CE embeds with its trunk features
             memory = MemoryBank(torch.randint(0, args.classes, (args.n,)), dim, device=device)
-            memory.fill(torch.arange(args.n, device=device), _normalise(torch.randn(args.n, dim, device=device)))
+            memory.fill(torch.arange(args.n, device=device), normalise(torch.randn(args.n, dim, device=device)))
             opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
             views = torch.randn(batch, cfg.data.num_views, 3, args.image_size, args.image_size, device=device)
             labels = torch.randint(0, args.classes, (batch,), device=device)
@@ -84,7 +83,7 @@ def eval_rate(args, device):
     qf = torch.randint(0, 1000, (args.queries,), device=device, generator=g)
     query = centres[qf] + 2.6 * torch.randn(args.queries, 128, device=device, generator=g)
     labels, qlabels = {"fine": fine, "coarse": fine % 127}, {"fine": qf, "coarse": qf % 127}
-    qn, bn = _normalise(query), _normalise(bank)
+    qn, bn = normalise(query), normalise(bank)
     sync(device)
     start = time.perf_counter()
     for s in range(0, args.queries, 1024):
@@ -92,10 +91,10 @@ def eval_rate(args, device):
     sync(device)
     t_mm = time.perf_counter() - start
     start = time.perf_counter()
-    preds, aps = sharded_evaluate_pass(query, bank, 0, labels, qlabels, {"fine": 1000, "coarse": 127}, DistContext(),
-                                       votes={("fine", 20, 0.05), ("coarse", 20, 0.05)}, ap_levels=["fine", "coarse"],
-                                       rankings={"cosine": None, "cond": ("knn", "coarse", 20, 0.05)},
-                                       chunk_size=args.eval_chunk)
+    preds, aps = evaluate_pass(query, bank, 0, labels, qlabels, {"fine": 1000, "coarse": 127}, DistContext(),
+                               votes={("fine", 20, 0.05), ("coarse", 20, 0.05)}, ap_levels=["fine", "coarse"],
+                               rankings={"cosine": Ranking(), "cond": Ranking("coarse", k=20, sigma=0.05)},
+                               chunk_size=args.eval_chunk)
     sync(device)
     t_eval = time.perf_counter() - start
     top1 = float((preds[("fine", 20, 0.05)] == qf).float().mean())

@@ -4,9 +4,13 @@ category-level retrieval mAP, as sklearn's average_precision_score, ties include
 Per query, AP needs, for each of its R relevant items, #relevant and #items scoring at or above
 it. The relevant scores are gathered through a label index (O(R), never a Q x N mask), sorted
 into thresholds, and every item is counted against them in O(1) per item: in one compiled loop
-on CPU (grafit_core/ap_kernel.c), else with torch operations (`_count_at_or_above`, the reference).
-With a ctx (grafit_core.distributed) the items are one shard of the collection: the thresholds
-and the counts are summed over shards, O(q x R) per chunk, never O(N).
+on CPU (grafit_core/ap_kernel.c), else with torch operations (`count_at_or_above_torch`, the
+reference). With a ctx (grafit_core.distributed) the items are one shard of the collection: the
+thresholds and the counts are summed over shards. That exchange is O(q x R) per chunk of q
+queries, and so are the thresholds and counts each worker holds: the lower bound for exact AP
+over a sharded collection (every relevant score must meet every shard's items), O(N) for a query
+at a coarse level (R ~ N / C). Rows are therefore taken in groups whose q x R stays within
+CHUNK_BYTES, the budget of the q x N/W scores themselves.
 """
 import math
 
@@ -14,6 +18,9 @@ import numpy as np
 import torch
 
 from grafit_core import ap_kernel
+
+CHUNK_BYTES = 128 << 20   # per chunk of queries: the scores, and apart from them the AP's q x R buffers
+PAIR_BYTES = 64           # per (query, relevant item): threshold, count, indices, float64 precisions
 
 
 class LabelIndex:
@@ -32,34 +39,33 @@ class LabelIndex:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    def counts(self, query_labels):
+        """(q,) #rows with each query's label (0 for a label the collection lacks)."""
+        ql = query_labels.long()
+        known = (ql >= 0) & (ql < len(self.size))
+        return torch.where(known, self.size[torch.where(known, ql, 0)], 0) if len(self.size) else torch.zeros_like(ql)
 
-def relevant_pairs(index, query_labels, exclude=None):
-    """(rows, cols, n_rel): every (query, collection row) with the same label, rows ascending;
-    `exclude` (q,) drops that collection row of each query (-1 none)."""
-    ql = query_labels.long()
-    known = (ql >= 0) & (ql < len(index.size))   # a label the collection lacks has no relevant row
-    ql = torch.where(known, ql, 0)
-    sizes = torch.where(known, index.size[ql], 0) if len(index.size) else torch.zeros_like(ql)
-    rows = torch.repeat_interleave(torch.arange(len(ql), device=ql.device), sizes)
-    first = torch.cumsum(sizes, 0) - sizes
-    pos = torch.arange(rows.numel(), device=ql.device) - first[rows]
-    cols = index.order[index.start[ql][rows] + pos] if rows.numel() else rows
-    if exclude is not None:
-        keep = cols != exclude.to(cols.device)[rows]
-        rows, cols = rows[keep], cols[keep]
-        sizes = torch.bincount(rows, minlength=len(ql))
-    return rows, cols, sizes
+    def pairs(self, query_labels):
+        """(rows, cols): every (query, collection row) with the same label, rows ascending."""
+        ql, sizes = query_labels.long(), self.counts(query_labels)
+        ql = torch.where(sizes > 0, ql, 0)          # a label without rows is never looked up
+        rows = torch.repeat_interleave(torch.arange(len(ql), device=ql.device), sizes)
+        first = torch.cumsum(sizes, 0) - sizes
+        pos = torch.arange(rows.numel(), device=ql.device) - first[rows]
+        return rows, (self.order[self.start[ql][rows] + pos] if rows.numel() else rows)
 
 
-def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, shift=None):
-    """(q,) float64 AP of each row of `scores` (this process's columns of the collection).
+def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budget=CHUNK_BYTES):
+    """(q,) float64 AP of each row of `scores` (this process's columns of the collection); NaN for
+    a query with no relevant item anywhere.
 
     shift: None, or (logits (q, C), coarse (n,)): rank by scores + logits[row, coarse[item]]
     (eq. 5), added on the fly by the compiled counting loop instead of a q x N tensor.
 
     With ctx (world_size > 1) each rank holds a shard: rank r writes its relevant scores after
     those of ranks < r into zeros and one all-reduce gives every threshold exactly once
-    (x + 0 == x); the counts at or above are summed the same way.
+    (x + 0 == x); the counts at or above are summed the same way. Rows go in groups of at most
+    budget / (PAIR_BYTES x R_max) (the same groups on every rank: R is summed over shards first).
     """
     ws, fused = ws or Workspace(), ap_kernel.usable(scores)
     if shift is not None and not fused:     # the torch path needs the ranked scores themselves
@@ -67,31 +73,39 @@ def chunk_ap(scores, query_labels, index, *, exclude=None, ctx=None, ws=None, sh
         shape, dt, dev = scores.shape, scores.dtype, scores.device
         added = torch.gather(logits, 1, coarse.expand(shape), out=ws.get("coarse", shape, dt, dev))
         scores, shift = torch.add(scores, added, out=ws.get("ranked", shape, dt, dev)), None
-    rows, cols, n_local = relevant_pairs(index, query_labels, exclude)
+    n_local = index.counts(query_labels)
     sharded = ctx is not None and ctx.distributed
-    if sharded:
-        counts = ctx.all_gather_cat(n_local[None])             # (W, q) #relevant per shard
-        n_rel, col_start = counts.sum(dim=0), counts[:ctx.rank].sum(dim=0)
-    else:
-        n_rel, col_start = n_local, torch.zeros_like(n_local)
+    counts = ctx.all_gather_cat(n_local[None]) if sharded else n_local[None]     # (W, q) per shard
+    n_rel, col_start = counts.sum(dim=0), counts[:ctx.rank if sharded else 0].sum(dim=0)
     r_max = int(n_rel.max()) if scores.shape[0] else 0
+    step = max(1, budget // (PAIR_BYTES * max(r_max, 1)))
+    return torch.cat([_group_ap(scores[a:a + step], query_labels[a:a + step], index, n_rel[a:a + step],
+                                col_start[a:a + step], ctx if sharded else None, ws, fused,
+                                None if shift is None else (shift[0][a:a + step], shift[1]))
+                      for a in range(0, scores.shape[0], step)] or [torch.empty(0, dtype=torch.float64)])
+
+
+def _group_ap(scores, query_labels, index, n_rel, col_start, ctx, ws, fused, shift):
+    r_max = int(n_rel.max())
     if r_max == 0:           # the same n_rel on every rank: all skip the remaining collectives
         return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
+    rows, cols = index.pairs(query_labels)
+    n_local = torch.bincount(rows, minlength=scores.shape[0])
     first = torch.cumsum(n_local, 0) - n_local
     pos = torch.arange(rows.numel(), device=rows.device) - first[rows] + col_start[rows]
     values = torch.take(scores, rows * scores.shape[1] + cols)     # row-major logical index
     if shift is not None:                   # the same float32 add as the loop's
         values = values + shift[0][rows, shift[1][cols]]
     # flat 1-D writes: 2x faster than thr[rows, pos] = ...; unsharded, the pads are +inf already
-    thr = scores.new_full((scores.shape[0], r_max), 0.0 if sharded else float("inf"))
+    thr = scores.new_full((scores.shape[0], r_max), 0.0 if ctx else float("inf"))
     thr.view(-1).index_copy_(0, rows * r_max + pos, values)
-    if sharded:
+    if ctx:
         thr = ctx.all_reduce_sum(thr)
         pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
         thr = thr.masked_fill(pads, float("inf"))
     thr = _sorted_rows(thr)
-    n_ge = ap_kernel.count_at_or_above(thr, scores, shift) if fused else _count_at_or_above(thr, scores, ws)
-    if sharded:
+    n_ge = ap_kernel.count_at_or_above(thr, scores, shift) if fused else count_at_or_above_torch(thr, scores, ws)
+    if ctx:
         n_ge = ctx.all_reduce_sum(n_ge)
     return _ap_from_counts(thr, n_rel, n_ge)
 
@@ -119,7 +133,7 @@ class Workspace:
         return buf[:n].view(shape)
 
 
-def _count_at_or_above(thr, scores, ws=None):
+def count_at_or_above_torch(thr, scores, ws=None):
     """(q, r_max) long: per row, #items whose score is >= each threshold of thr.
 
     thr is sorted per row (+inf pads allowed). Each item needs #thresholds <= its
@@ -198,7 +212,7 @@ def _searchsorted_rows(thr, rows, values):
 def _ap_from_counts(thr, n_rel, n_ge):
     """(q,) float64 AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r}.
 
-    thr: sorted relevant scores (+inf pads past n_rel); n_ge from _count_at_or_above.
+    thr: sorted relevant scores (+inf pads past n_rel); n_ge from count_at_or_above_torch.
     NaN where a row has no relevant item.
     """
     r_max = thr.shape[1]

@@ -139,7 +139,8 @@ static inline int above(float a, float b) {
 
 /* torch.topk(s[:n], k) (sorted, largest first) in one pass: an item enters the k-list only if
  * it beats the current k-th (rare after the first few hundred items, so the test is a
- * well-predicted branch); ties keep the earlier item first. */
+ * well-predicted branch). Among equal values the lower index comes first and stays in a full
+ * list (a later equal item never displaces it): the order of a stable sort by -value. */
 static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix) {
     int64_t filled = 0;
     for (int64_t j = 0; j < n; j++) {
@@ -156,7 +157,7 @@ static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix
     }
 }
 
-/* torch.topk(scores[row0:row1], k, dim=1) (see topk_row) */
+/* torch.topk(scores[row0:row1], k, dim=1), ties by lower index (see topk_row) */
 int grafit_topk(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
                 int64_t k, float *vals, int64_t *idx) {
     if (k < 1 || k > n) return 2;

@@ -126,14 +126,30 @@ def count_at_or_above(thr, scores, shift=None):
 
 
 def topk(scores, k):
-    """torch.topk(scores, k, dim=1) on CPU float32 (values equal; rows tied at the k-th value
-    may pick another of the tied items, which torch leaves unspecified too): one pass per row
-    instead of a partial sort, through the compiled loop where it is usable."""
-    if k == 0 or not scores.shape[0] or not usable(scores):     # torch: also the empty cases
+    """(values, indices) of the k largest scores of each row, ordered by (-value, index): among
+    equal scores the lower index first (NaN above everything, as torch.topk), so that a kNN never
+    depends on how the collection is split. One pass per row through the compiled loop where it is
+    usable; else torch.topk, whose order among ties is unspecified, put in that order."""
+    if k == 0 or not scores.shape[0]:
         return scores.topk(k, dim=1)
+    if not usable(scores):
+        return _torch_topk(scores, k)
     scores = _rows(scores)
     vals = torch.empty(scores.shape[0], k, dtype=torch.float32)
     idx = torch.empty(scores.shape[0], k, dtype=torch.int64)
     _split_rows(kernel().grafit_topk, scores.shape[0], scores.data_ptr(), scores.shape[1], scores.stride(0),
                 k, vals.data_ptr(), idx.data_ptr())
     return vals, idx
+
+
+def _torch_topk(scores, k):
+    vals, idx = scores.topk(k, dim=1)
+    kth = vals[:, -1:]
+    # a row where an item tied with the k-th value was left out: the lowest indices must be kept
+    cut = ((scores == kth).sum(1) > (vals == kth).sum(1)).nonzero().squeeze(1)
+    if cut.numel():
+        full = scores[cut].sort(dim=1, descending=True, stable=True)
+        vals[cut], idx[cut] = full.values[:, :k], full.indices[:, :k]
+    idx, by_index = idx.sort(dim=1)
+    vals, order = vals.gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, order)

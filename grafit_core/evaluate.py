@@ -17,8 +17,7 @@ from grafit_core.config import Config, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.errors import ConfigError, DataError
 from grafit_core.distributed import DistContext
-from grafit_core.sharded_metrics import (replicate_rows, sharded_choose_k, sharded_evaluate_pass,
-                                         sharded_knn_predict_multi)
+from grafit_core.metrics import Ranking, choose_k, evaluate_pass, knn_predict, replicate_rows
 
 VALIDATION_SEED = 0   # the same validation subset for every run, so sweeps compare like with like
 ONLINE_K = 20         # k of the per-epoch online kNN when eval.k is `auto`
@@ -67,17 +66,16 @@ def online_knn(memory, level_labels: dict[str, torch.Tensor], val_idx: torch.Ten
     lo, hi = memory.offset, memory.offset + len(memory)
     shard_labels = {lv: lab[lo:hi] for lv, lab in level_labels.items()}
     val = replicate_rows(memory.bank, lo, val_idx, ctx)
-    preds = sharded_knn_predict_multi(val, memory.bank, shard_labels, lo, [k], cfg.eval_sigma,
-                                      _num_classes(level_labels), ctx, exclude=val_idx,
-                                      backend=cfg.eval.knn_backend)
+    preds = knn_predict(val, memory.bank, shard_labels, lo, [k], cfg.eval_sigma, _num_classes(level_labels), ctx,
+                        exclude=val_idx, backend=cfg.eval.knn_backend)
     return {f"online_knn_top1/{lv}": float((preds[(lv, k)].cpu() == lab[val_idx]).float().mean())
             for lv, lab in level_labels.items()}
 
 
 def eval_variants(cfg: Config) -> list[tuple[str, Config]]:
-    """("", cfg), then (suffix, config) for each combination of sweep.eval_grid values.
+    """("", cfg), then (suffix, config) for each combination of eval.grid values.
     Suffixes name the values, e.g. "k10_esigma0.1", and are appended to metric keys."""
-    grid = cfg.sweep.eval_grid
+    grid = cfg.eval.grid
     short = {"eval.k": "k", "eval.sigma": "esigma", "eval.k_candidates": "kcand", "eval.knn_backend": "knn"}
     out = [("", cfg)]                          # the config's own values, unsuffixed
     for combo in itertools.product(*grid.values()):
@@ -93,9 +91,9 @@ def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, q
              query: Collection, test_levels: list[str], ctx: DistContext = DistContext(),
              query_logits=None) -> dict[str, float]:
     """Every metric at every test level from one set of embeddings, for every evaluation-only
-    variant (sweep.eval_grid). `shard` holds the collection's rows [offset, offset + len(shard))
+    variant (eval.grid). `shard` holds the collection's rows [offset, offset + len(shard))
     (all of it in one process); queries are replicated. k is chosen first (leave-one-out on the
-    validation subset); then ONE pass over the collection (sharded_evaluate_pass) scores each
+    validation subset); then ONE pass over the collection (metrics.evaluate_pass) scores each
     chunk of queries once and derives kNN top-1 for every (level, k, sigma) and the AP of every
     level under cosine, conditioned (per distinct p_c) and oracle ranking."""
     level = cfg.data.train_level
@@ -106,17 +104,17 @@ def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, q
     nc = {lv: train.num_classes(lv) for lv in levels}
     plans = _plans(cfg, shard, offset, len(train), bank_labels, levels, nc, ctx)
     votes = {(lv, chosen[lv], sigma) for _, sigma, chosen in plans for lv in test_levels}
-    rankings: dict = {"cosine": None}
+    rankings = {"cosine": Ranking()}
     if level != NONE_LEVEL:
-        rankings["oracle"] = ("probs", level, F.one_hot(query_labels[level], nc[level]).float())
+        rankings["oracle"] = Ranking(level, probs=F.one_hot(query_labels[level], nc[level]).float())
         if query_logits is not None:         # p_c: the head's softmax (CE) ...
-            rankings["cond"] = ("probs", level, F.softmax(query_logits.float(), dim=1))
+            rankings["cond"] = Ranking(level, probs=F.softmax(query_logits.float(), dim=1))
         for _, sigma, chosen in plans:      # ... or eq. 6 with the training-level labels
             votes.add((level, chosen[level], sigma))
             if query_logits is None:
-                rankings[_cond_name(chosen[level], sigma)] = ("knn", level, chosen[level], sigma)
-    preds, aps = sharded_evaluate_pass(queries, shard, offset, bank_labels, query_labels, nc, ctx, votes=votes,
-                                       ap_levels=test_levels, rankings=rankings)
+                rankings[_cond_name(chosen[level], sigma)] = Ranking(level, k=chosen[level], sigma=sigma)
+    preds, aps = evaluate_pass(queries, shard, offset, bank_labels, query_labels, nc, ctx, votes=votes,
+                               ap_levels=test_levels, rankings=rankings)
     metrics: dict[str, float] = {}
     for lv in test_levels:
         ap = aps[("cosine", lv)]
@@ -151,8 +149,8 @@ def _plans(cfg, shard, offset, n, bank_labels, levels, nc, ctx) -> list[tuple[st
             candidates = [k for k in vcfg.eval.k_candidates if k < n] or [n - 1]
             key = (tuple(candidates), sigma, vcfg.eval.val_size, vcfg.eval.knn_backend)
             if key not in chosen_by:
-                picked = sharded_choose_k(shard, bank_labels, offset, validation_indices(n, vcfg.eval.val_size),
-                                          candidates, sigma, nc, ctx, backend=vcfg.eval.knn_backend)
+                picked = choose_k(shard, bank_labels, offset, validation_indices(n, vcfg.eval.val_size),
+                                  candidates, sigma, nc, ctx, backend=vcfg.eval.knn_backend)
                 chosen_by[key] = {lv: best for lv, (best, _) in picked.items()}
             chosen = chosen_by[key]
         else:

@@ -55,8 +55,10 @@ def build_or_load_index(checkpoint: str, root: str, index_dir: str, cfg, method,
 def rank(query_z: np.ndarray, bank: np.ndarray, coarse_names: list[str], coarse: str | None, top: int,
          backend: str = "torch"):
     """Indices and scores of the top items by cosine, or by eq. 5 with a one-hot p_c when a coarse
-    class is given (its items first, each part by cosine). torch: exact scores of every item;
-    faiss: an exact inner-product search of the normalised rows for the top only."""
+    class is given (its items first, each part by cosine). Among equal scores the lower index comes
+    first. torch: exact scores of every item; faiss: an exact inner-product search of the
+    normalised rows for the top only, whose rows keep that order, but which of several rows tied
+    at the last place it returns is faiss' choice (grafit_core.metrics.FaissFlat)."""
     unit = bank / (np.linalg.norm(bank, axis=1, keepdims=True) + 1e-12)
     qz = (query_z / (np.linalg.norm(query_z) + 1e-12)).astype(np.float32)
     eps = 1e-6

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grafit_core import ap_kernel
-from grafit_core.ap import _count_at_or_above
+from grafit_core.ap import count_at_or_above_torch
 
 
 def _case(seed, quantised, with_nan):
@@ -35,14 +35,14 @@ def test_kernel_counts_equal_the_torch_path(seed):
     s, g, r = _case(seed, quantised=seed % 2 == 1, with_nan=seed % 3 == 0)
     thr = _thresholds(s, g, r)
     finite = torch.isfinite(thr)                    # pad columns are never read
-    assert torch.equal(ap_kernel.count_at_or_above(thr, s)[finite], _count_at_or_above(thr, s)[finite])
+    assert torch.equal(ap_kernel.count_at_or_above(thr, s)[finite], count_at_or_above_torch(thr, s)[finite])
     # eq. 5: the loop adds logits[row, coarse[item]] itself; the torch path gets the sums
     logits, coarse = torch.randn(s.shape[0], 5, generator=g), torch.randint(0, 5, (s.shape[1],), generator=g)
     ranked = s + logits[:, coarse]
     thr = _thresholds(ranked, g, r)
     finite = torch.isfinite(thr)
     assert torch.equal(ap_kernel.count_at_or_above(thr, s, (logits, coarse))[finite],
-                       _count_at_or_above(thr, ranked)[finite])
+                       count_at_or_above_torch(thr, ranked)[finite])
 
 
 def test_kernel_hand_worked_and_degenerate_rows():
@@ -58,9 +58,12 @@ def test_kernel_hand_worked_and_degenerate_rows():
 
 
 def test_without_the_kernel_the_torch_path_runs(tmp_path):
-    code = ("import torch; from grafit_core import ap_kernel; from grafit_core.metrics import retrieval_map;"
+    code = ("import torch; from grafit_core import ap_kernel; from grafit_core.distributed import DistContext;"
+            "from grafit_core.metrics import Ranking, evaluate_pass;"
             "assert ap_kernel.kernel() is None and not ap_kernel.usable(torch.zeros(1, 1));"
-            "x = torch.eye(3); print(retrieval_map(x, torch.arange(3), x, torch.arange(3)))")
+            "x, y = torch.eye(3), {'l': torch.arange(3)};"
+            "_, aps = evaluate_pass(x, x, 0, y, y, {'l': 3}, DistContext(), votes=set(), ap_levels=['l'],"
+            "                       rankings={'r': Ranking()}); print(aps[('r', 'l')].mean().item())")
     env = {**os.environ, "GRAFIT_AP_KERNEL": "0", "GRAFIT_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1.0"
@@ -81,23 +84,32 @@ def test_kernel_skips_blocks_below_every_threshold_exactly(shifted):
     ranked = s + logits[:, coarse] if shifted else s
     thr = ranked.nan_to_num(float("-inf")).topk(30, dim=1).values.sort(dim=1).values
     got = ap_kernel.count_at_or_above(thr, s, (logits, coarse) if shifted else None)
-    assert torch.equal(got, _count_at_or_above(thr, ranked))
+    assert torch.equal(got, count_at_or_above_torch(thr, ranked))
     assert torch.equal(got[:, -1], (ranked >= thr[:, -1:]).sum(1))       # by hand: the largest threshold
 
 
 @pytest.mark.parametrize("k", [1, 7, 50])
-def test_kernel_topk_equals_torch_topk(k):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_topk_equals_a_stable_sort(k, compiled, monkeypatch):
+    # the compiled loop and the torch fallback: torch.topk's values, ordered by (-value, index)
+    if not compiled:
+        monkeypatch.setattr(ap_kernel, "usable", lambda scores: False)
     g = torch.Generator().manual_seed(k)
     s = torch.randn(9, 3001, generator=g)
     s[1, 17] = float("nan")                          # torch ranks NaN above everything
     s[2, ::3] = float("-inf")
-    s[3] = (s[3] * 2).round() / 2                    # ties: equal values, either tied item
+    s[3] = (s[3] * 2).round() / 2                    # ties: equal values, the lower index first
+    s[4] = (s[4] > 1).float()                        # a few hundred tied at 1, the rest at 0
+    s[5, :] = 0.25                                   # every item tied
     vals, idx = ap_kernel.topk(s, k)
     ref_vals, _ = s.topk(k, dim=1)
     assert torch.equal(vals.nan_to_num(9.0), ref_vals.nan_to_num(9.0))
     assert torch.equal(s.gather(1, idx).nan_to_num(9.0), vals.nan_to_num(9.0))   # indices point at them
     assert all(len(set(row)) == k for row in idx.tolist())
     assert torch.isnan(vals[1, 0]) and idx[1, 0] == 17
+    stable = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(idx, stable)
+    assert idx[5].tolist() == list(range(k))
 
 
 def test_kernel_thresholds_a_subnormal_apart():
@@ -106,7 +118,7 @@ def test_kernel_thresholds_a_subnormal_apart():
     thr = torch.tensor([[0.0, tiny, 2 * tiny, float("inf")]])
     s = torch.tensor([[0.0, tiny, 3 * tiny, -1.0, 1.0]])
     assert ap_kernel.count_at_or_above(thr, s)[0, :3].tolist() == [4, 3, 2]
-    assert torch.equal(ap_kernel.count_at_or_above(thr, s)[0, :3], _count_at_or_above(thr, s)[0, :3])
+    assert torch.equal(ap_kernel.count_at_or_above(thr, s)[0, :3], count_at_or_above_torch(thr, s)[0, :3])
 
 
 def test_kernel_thresholds_too_far_apart_for_a_float_range():

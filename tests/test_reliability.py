@@ -206,8 +206,8 @@ def test_submit_overrides_round_trip_through_the_command_line():
 
 def test_ap_counting_survives_nan_scores():
     import torch
-    from grafit_core.ap import _count_at_or_above
-    got = _count_at_or_above(torch.tensor([[0.1, 0.5]]), torch.tensor([[0.2, float("nan"), 0.6, float("-inf")]]))
+    from grafit_core.ap import count_at_or_above_torch
+    got = count_at_or_above_torch(torch.tensor([[0.1, 0.5]]), torch.tensor([[0.2, float("nan"), 0.6, float("-inf")]]))
     assert got.tolist() == [[2, 1]]                       # NaN and -inf count nowhere
 
 

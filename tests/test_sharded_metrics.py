@@ -1,4 +1,5 @@
-"""Sharded kNN / choose_k / AP in real gloo processes equal grafit_core.metrics on the whole bank."""
+"""The one-pass evaluation in real gloo processes (W = 2, 3) equals itself at W = 1 and the oracles
+of tests/oracles.py on the whole collection."""
 import math
 
 import numpy as np
@@ -7,24 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import oracles
 from grafit_core.distributed import DistContext
 from grafit_core.memory import shard_bounds
-from grafit_core.metrics import (
-    average_precisions,
-    choose_k,
-    knn_classify,
-    knn_predict_multi,
-    retrieval_map,
-)
-from grafit_core.sharded_metrics import (
-    shard_range,
-    sharded_average_precisions,
-    sharded_choose_k,
-    sharded_knn_classify,
-    sharded_knn_predict_multi,
-    sharded_evaluate_pass,
-    sharded_retrieval_map,
-)
+from grafit_core.metrics import Ranking, choose_k, evaluate_pass, knn_neighbours, knn_predict, vote
 from gloo import run_gloo
 
 torch.set_num_threads(1)
@@ -72,8 +59,24 @@ def tie_problem(seed=2, n=N):
 
 
 def _mine(ctx, n):
-    lo, hi = shard_range(n, ctx.world_size, ctx.rank)
+    lo, hi = shard_bounds(n, ctx.world_size, ctx.rank)
     return lo, hi, slice(lo, hi)
+
+
+def knn_probs(query, shard, labels, offset, k, ctx, **kw):
+    """(Q, C) eq. 6 probabilities from the pass's merged neighbours and votes."""
+    return torch.cat([vote(sims, labs[0], k, SIGMA, 6)
+                      for _, sims, labs, _ in knn_neighbours(query, shard, [labels], offset, k, ctx, **kw)])
+
+
+def pass_aps(q, ql, coll, cl, offset, ctx, coarse=None, probs=None, chunk_size=None):
+    """(Q,) APs of the one pass on this rank's shard, cosine or eq. 5 with the given p_c."""
+    labels, nc, ranking = {"fine": cl}, {"fine": 10}, Ranking()
+    if probs is not None:
+        labels["coarse"], nc["coarse"], ranking = coarse, probs.shape[1], Ranking("coarse", probs=probs)
+    _, aps = evaluate_pass(q, coll, offset, labels, {"fine": ql}, nc, ctx, votes=set(), ap_levels=["fine"],
+                           rankings={"r": ranking}, chunk_size=chunk_size)
+    return aps[("r", "fine")]
 
 
 # ---------------------------------------------------------------------------- workers
@@ -83,20 +86,16 @@ def knn_worker(ctx):
     lo, _, own = _mine(ctx, N)
     shard, mine = bank[own], {lvl: lab[own] for lvl, lab in labels.items()}
     out = {
-        "preds": sharded_knn_predict_multi(query, shard, mine, lo, KS, SIGMA, NUM_CLASSES, ctx,
-                                           chunk_size=10),
-        "probs": sharded_knn_classify(query, shard, mine["fine"], lo, 40, SIGMA, 6, ctx, chunk_size=16),
-        "probs_ex": sharded_knn_classify(bank[EXCLUDE_ROWS], shard, mine["fine"], lo, 5, SIGMA, 6, ctx,
-                                         chunk_size=2, exclude=EXCLUDE),
-        "preds_faiss": sharded_knn_predict_multi(query, shard, mine, lo, KS, SIGMA, NUM_CLASSES, ctx,
-                                                 backend="faiss"),
-        "choose_k": sharded_choose_k(shard, mine, lo, VAL, CANDIDATES, SIGMA, NUM_CLASSES, ctx,
-                                     chunk_size=3),
+        "preds": knn_predict(query, shard, mine, lo, KS, SIGMA, NUM_CLASSES, ctx, chunk_size=10),
+        "probs": knn_probs(query, shard, mine["fine"], lo, 40, ctx, chunk_size=16),
+        "probs_ex": knn_probs(bank[EXCLUDE_ROWS], shard, mine["fine"], lo, 5, ctx, chunk_size=2, exclude=EXCLUDE),
+        "preds_faiss": knn_predict(query, shard, mine, lo, KS, SIGMA, NUM_CLASSES, ctx, backend="faiss"),
+        "choose_k": choose_k(shard, mine, lo, VAL, CANDIDATES, SIGMA, NUM_CLASSES, ctx, chunk_size=3),
     }
     if ctx.world_size == 3:  # N = 2 < W: the last shard is empty
         q2, b2, l2 = knn_problem(n=2)
         lo2, _, own2 = _mine(ctx, 2)
-        out["tiny"] = sharded_knn_classify(q2, b2[own2], l2["fine"][own2], lo2, 5, SIGMA, 6, ctx)
+        out["tiny"] = knn_probs(q2, b2[own2], l2["fine"][own2], lo2, 5, ctx)
     return out
 
 
@@ -105,29 +104,25 @@ def ap_worker(ctx):
     lo, _, own = _mine(ctx, N)
     args = (q, ql, coll[own], cl[own], lo, ctx)
     out = {
-        "cos": sharded_average_precisions(*args, chunk_size=7),
-        "cond": sharded_average_precisions(*args, shard_coarse=coarse[own], query_coarse_probs=probs),
-        "oracle": sharded_average_precisions(*args, shard_coarse=coarse[own], query_coarse_probs=oracle,
-                                             chunk_size=4),
-        "map": sharded_retrieval_map(*args, chunk_size=5),
-        "map_nan": sharded_retrieval_map(q[:1], ql[:1], coll[own], cl[own], lo, ctx),
-        "exclude": sharded_average_precisions(coll[EXCLUDE_ROWS], cl[EXCLUDE_ROWS], coll[own], cl[own],
-                                              lo, ctx, chunk_size=2, exclude=EXCLUDE),
+        "cos": pass_aps(*args, chunk_size=7),
+        "cond": pass_aps(*args, coarse[own], probs),
+        "oracle": pass_aps(*args, coarse[own], oracle, chunk_size=4),
+        "nan": pass_aps(q[:1], ql[:1], coll[own], cl[own], lo, ctx),
     }
     tq, tql, tcoll, tcl, tcoarse, tprobs = tie_problem()
     targs = (tq, tql, tcoll[own], tcl[own], lo, ctx)
-    out["tie_cos"] = sharded_average_precisions(*targs, chunk_size=6)
-    out["tie_cond"] = sharded_average_precisions(*targs, shard_coarse=tcoarse[own], query_coarse_probs=tprobs)
+    out["tie_cos"] = pass_aps(*targs, chunk_size=6)
+    out["tie_cond"] = pass_aps(*targs, tcoarse[own], tprobs)
     if ctx.world_size == 3:  # N = 2 < W: the last shard is empty
         lo2, _, own2 = _mine(ctx, 2)
-        out["tiny"] = sharded_average_precisions(q, ql, coll[:2][own2], cl[:2][own2], lo2, ctx)
+        out["tiny"] = pass_aps(q, ql, coll[:2][own2], cl[:2][own2], lo2, ctx)
     return out
 
 
 def _bytes_moved(ctx):
-    """Per collective of sharded_average_precisions, the bytes it moves (an all_gather counts its
-    W-fold output), for N = 2,000 and 8,000 with the same queries and R = 40 relevant items per
-    query placed at random."""
+    """Per collective of the pass's AP, the bytes it moves (an all_gather counts its W-fold output),
+    for N = 2,000 and 8,000 with the same queries and R = 40 relevant items per query placed at
+    random."""
     moved = []
     orig_gather, orig_reduce = dist.all_gather, dist.all_reduce
 
@@ -149,7 +144,7 @@ def _bytes_moved(ctx):
             cl[torch.randperm(n, generator=g)[:200]] = torch.arange(200) % 5   # 40 rows per class
             lo, _, own = _mine(ctx, n)
             moved.clear()
-            sharded_average_precisions(q, ql, coll[own], cl[own], lo, ctx, chunk_size=16)
+            pass_aps(q, ql, coll[own], cl[own], lo, ctx, chunk_size=16)
             logs[n] = list(moved)
     finally:
         dist.all_gather, dist.all_reduce = orig_gather, orig_reduce
@@ -168,17 +163,17 @@ PASS_VOTES = {("fine", 1, SIGMA), ("fine", 5, SIGMA), ("coarse", 5, 0.5), ("coar
 
 
 def pass_rankings(qlabels, probs):
-    return {"cosine": None, "given": ("probs", "coarse", probs),
-            "oracle": ("probs", "coarse", F.one_hot(qlabels["coarse"], 3).float()),
-            "knn": ("knn", "coarse", 5, 0.5)}
+    return {"cosine": Ranking(), "given": Ranking("coarse", probs=probs),
+            "oracle": Ranking("coarse", probs=F.one_hot(qlabels["coarse"], 3).float()),
+            "knn": Ranking("coarse", k=5, sigma=0.5)}
 
 
 def pass_worker(ctx, chunk_size=7):
     q, ql, coll, cl, probs = pass_problem()
     lo, _, own = _mine(ctx, N)
-    preds, aps = sharded_evaluate_pass(q, coll[own], lo, {lv: x[own] for lv, x in cl.items()}, ql,
-                                       NUM_CLASSES, ctx, votes=PASS_VOTES, ap_levels=["fine", "coarse"],
-                                       rankings=pass_rankings(ql, probs), chunk_size=chunk_size)
+    preds, aps = evaluate_pass(q, coll[own], lo, {lv: x[own] for lv, x in cl.items()}, ql,
+                               NUM_CLASSES, ctx, votes=PASS_VOTES, ap_levels=["fine", "coarse"],
+                               rankings=pass_rankings(ql, probs), chunk_size=chunk_size)
     return {"preds": preds, "aps": aps}
 
 
@@ -192,7 +187,7 @@ _RESULTS = {}
 
 def _run(world_size):
     if world_size not in _RESULTS:
-        _RESULTS[world_size] = run_gloo(worker, world_size)
+        _RESULTS[world_size] = [worker(DistContext())] if world_size == 1 else run_gloo(worker, world_size)
     return _RESULTS[world_size]
 
 
@@ -209,37 +204,29 @@ def _same_on_every_rank(results, key):
             assert a == b or (math.isnan(a) and math.isnan(b)), key
 
 
-def _sklearn_aps(scores, relevant):
-    from sklearn.metrics import average_precision_score   # here: the gloo workers skip its import
-    return np.array([average_precision_score(relevant[i], scores[i]) if relevant[i].any() else np.nan
-                     for i in range(len(scores))])
-
-
-def test_shard_range_tiles_the_bank():
+def test_shard_bounds_tile_the_bank():
     for n in (0, 1, 2, 7, 101, 1000):
         for w in (1, 2, 3, 4, 7):
-            ranges = [shard_range(n, w, r) for r in range(w)]
-            assert ranges == [shard_bounds(n, w, r) for r in range(w)]   # same layout as the memory
+            ranges = [shard_bounds(n, w, r) for r in range(w)]
             assert [i for a, b in ranges for i in range(a, b)] == list(range(n))
             assert all(b - a <= -(-n // w) for a, b in ranges)
-    assert shard_range(2, 3, 2) == (2, 2)
+    assert shard_bounds(2, 3, 2) == (2, 2)
     with pytest.raises(ValueError):
-        shard_range(10, 2, 2)
+        shard_bounds(10, 2, 2)
 
 
-def test_single_process_context_equals_metrics_exactly():
-    ctx = DistContext()
+def test_single_process_equals_the_oracles():
+    got = _run(1)[0]
     query, bank, labels = knn_problem()
-    assert torch.equal(sharded_knn_classify(query, bank, labels["fine"], 0, 5, SIGMA, 6, ctx, chunk_size=8),
-                       knn_classify(query, bank, labels["fine"], 5, SIGMA, 6, chunk_size=8))
-    assert sharded_choose_k(bank, labels, 0, VAL, CANDIDATES, SIGMA, NUM_CLASSES, ctx) == \
-        choose_k(bank, labels, VAL, CANDIDATES, SIGMA, NUM_CLASSES)
-    q, ql, coll, cl, coarse, probs, _ = ap_problem()
-    np.testing.assert_array_equal(
-        sharded_average_precisions(q, ql, coll, cl, 0, ctx, shard_coarse=coarse, query_coarse_probs=probs),
-        average_precisions(q, ql, coll, cl, collection_coarse=coarse, query_coarse_probs=probs))
+    for (lv, k), pred in got["knn"]["preds"].items():
+        assert torch.equal(pred, oracles.knn_predict(query, bank, labels[lv], k, SIGMA, NUM_CLASSES[lv])), (lv, k)
+    assert got["knn"]["choose_k"] == oracles.choose_k(bank, labels, VAL, CANDIDATES, SIGMA, NUM_CLASSES)
+    q, ql, coll, cl, coarse, probs, oracle = ap_problem()
+    for key, p in (("cos", None), ("cond", probs), ("oracle", oracle)):
+        ref = oracles.average_precisions(q, ql, coll, cl, coarse, p)
+        np.testing.assert_allclose(got["ap"][key].numpy(), ref.numpy(), rtol=1e-12, atol=1e-12, err_msg=key)
     with pytest.raises(ValueError, match="tile"):   # offset must say where the shard sits
-        sharded_average_precisions(q, ql, coll, cl, 5, ctx)
+        pass_aps(q, ql, coll, cl, 5, DistContext())
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -248,73 +235,65 @@ def test_sharded_knn_and_choose_k_equal_single_process(world_size):
     results = [res["knn"] for res in _run(world_size)]
     for key in results[0]:
         _same_on_every_rank(results, key)
-    got = results[0]
-    preds = knn_predict_multi(query, bank, labels, KS, SIGMA, NUM_CLASSES, chunk_size=10)
-    assert got["preds"].keys() == preds.keys()
-    for key in preds:
-        assert torch.equal(got["preds"][key], preds[key]), key
-        assert torch.equal(got["preds_faiss"][key], preds[key]), key       # faiss flat, merged over shards
-    torch.testing.assert_close(got["probs"], knn_classify(query, bank, labels["fine"], 40, SIGMA, 6),
-                               atol=1e-5, rtol=0)
-    expected = knn_classify(bank[EXCLUDE_ROWS], bank, labels["fine"], 5, SIGMA, 6, exclude=EXCLUDE)
-    torch.testing.assert_close(got["probs_ex"], expected, atol=1e-5, rtol=0)
-    assert got["choose_k"] == choose_k(bank, labels, VAL, CANDIDATES, SIGMA, NUM_CLASSES)
+    got, one = results[0], _run(1)[0]["knn"]
+    assert got["preds"].keys() == one["preds"].keys()
+    for key in one["preds"]:
+        assert torch.equal(got["preds"][key], one["preds"][key]), key
+        assert torch.equal(got["preds_faiss"][key], one["preds"][key]), key       # faiss flat, merged over shards
+        lv, k = key
+        assert torch.equal(got["preds"][key], oracles.knn_predict(query, bank, labels[lv], k, SIGMA, NUM_CLASSES[lv]))
+    torch.testing.assert_close(got["probs"], one["probs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["probs_ex"], one["probs_ex"], atol=1e-5, rtol=0)
+    assert torch.equal(got["probs_ex"].argmax(1), oracles.knn_predict(bank[EXCLUDE_ROWS], bank, labels["fine"], 5,
+                                                                      SIGMA, 6, exclude=EXCLUDE))
+    assert got["choose_k"] == one["choose_k"] == oracles.choose_k(bank, labels, VAL, CANDIDATES, SIGMA, NUM_CLASSES)
     if world_size == 3:
         q2, b2, l2 = knn_problem(n=2)
-        torch.testing.assert_close(got["tiny"], knn_classify(q2, b2, l2["fine"], 5, SIGMA, 6),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["tiny"], knn_probs(q2, b2, l2["fine"], 0, 5, DistContext()), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_average_precisions_equal_single_process(world_size):
     q, ql, coll, cl, coarse, probs, oracle = ap_problem()
-    assert (cl[shard_range(N, world_size, world_size - 1)[0]:] != 7).all()   # the case claimed
+    assert (cl[shard_bounds(N, world_size, world_size - 1)[0]:] != 7).all()   # the case claimed
     results = [res["ap"] for res in _run(world_size)]
     for key in results[0]:
         _same_on_every_rank(results, key)
-    got = results[0]
-    expected = {
-        "cos": average_precisions(q, ql, coll, cl),
-        "cond": average_precisions(q, ql, coll, cl, collection_coarse=coarse, query_coarse_probs=probs),
-        "oracle": average_precisions(q, ql, coll, cl, collection_coarse=coarse, query_coarse_probs=oracle),
-        "exclude": average_precisions(coll[EXCLUDE_ROWS], cl[EXCLUDE_ROWS], coll, cl, exclude=EXCLUDE),
-    }
-    for key, exp in expected.items():   # random data: a shard's matmul may round differently
-        np.testing.assert_allclose(got[key].numpy(), exp.numpy(), rtol=0, atol=1e-6, err_msg=key)
+    got, one = results[0], _run(1)[0]["ap"]
+    for key in ("cos", "cond", "oracle"):   # random data: a shard's matmul may round differently
+        np.testing.assert_allclose(got[key].numpy(), one[key].numpy(), rtol=0, atol=1e-6, err_msg=key)
     assert math.isnan(got["cos"][0]) and not torch.isnan(got["cos"][1:]).any()
-    assert got["map"] == pytest.approx(retrieval_map(q, ql, coll, cl), abs=1e-6)
-    assert math.isnan(got["map_nan"])
+    assert oracles.retrieval_map(got["cos"]) == pytest.approx(oracles.retrieval_map(
+        oracles.average_precisions(q, ql, coll, cl)), abs=1e-6)
+    assert torch.isnan(got["nan"]).all()
 
-    tq, tql, tcoll, tcl, tcoarse, tprobs = tie_problem()   # exact ties: bitwise equal
-    # same chunk size: a chunk's max #relevant sets the length of the float64 sum of precisions,
-    # which may change its last bit
-    np.testing.assert_array_equal(got["tie_cos"].numpy(),
-                                  average_precisions(tq, tql, tcoll, tcl, chunk_size=6).numpy())
-    np.testing.assert_array_equal(got["tie_cond"].numpy(), average_precisions(
-        tq, tql, tcoll, tcl, collection_coarse=tcoarse, query_coarse_probs=tprobs).numpy())
-    rel = (tql[:, None] == tcl[None, :]).numpy()
-    np.testing.assert_allclose(got["tie_cos"].numpy(), _sklearn_aps((tq @ tcoll.T).numpy(), rel),
+    tq, tql, tcoll, tcl, tcoarse, tprobs = tie_problem()   # exact ties: bitwise equal to W = 1
+    np.testing.assert_array_equal(got["tie_cos"].numpy(), one["tie_cos"].numpy())
+    np.testing.assert_array_equal(got["tie_cond"].numpy(), one["tie_cond"].numpy())
+    np.testing.assert_allclose(got["tie_cos"].numpy(), oracles.average_precisions(tq, tql, tcoll, tcl).numpy(),
                                rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got["tie_cond"].numpy(), oracles.average_precisions(
+        tq, tql, tcoll, tcl, tcoarse, tprobs).numpy(), rtol=1e-12, atol=1e-12)
     if world_size == 3:
-        np.testing.assert_allclose(got["tiny"].numpy(), average_precisions(q, ql, coll[:2], cl[:2]).numpy(),
+        np.testing.assert_allclose(got["tiny"].numpy(), oracles.average_precisions(q, ql, coll[:2], cl[:2]).numpy(),
                                    rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_one_pass_evaluation_equals_the_metric_by_metric_functions(world_size):
+def test_one_pass_evaluation_equals_the_oracles(world_size):
     """Every kNN prediction and every AP (cosine, given p_c, oracle, p_c from the pass's own
-    votes) from one score matrix per chunk equal the single-purpose reference functions."""
+    votes) from one score matrix per chunk equal the oracles, metric by metric."""
     q, ql, coll, cl, probs = pass_problem()
-    got = pass_worker(DistContext()) if world_size == 1 else _run(world_size)[0]["pass"]
+    got = _run(world_size)[0]["pass"]
     for lv, k, sigma in PASS_VOTES:
-        ref = knn_predict_multi(q, coll, {lv: cl[lv]}, [k], sigma, NUM_CLASSES)[(lv, k)]
+        ref = oracles.knn_predict(q, coll, cl[lv], k, sigma, NUM_CLASSES[lv])
         assert torch.equal(got["preds"][(lv, k, sigma)], ref), (lv, k, sigma)
-    knn_probs = knn_classify(q, coll, cl["coarse"], 5, 0.5, 3)
+    knn_probs5 = torch.cat([vote(s, labs[0], 5, 0.5, 3) for _, s, labs, _ in
+                            knn_neighbours(q, coll, [cl["coarse"]], 0, 5, DistContext())])
     for name, p in [("cosine", None), ("given", probs), ("oracle", F.one_hot(ql["coarse"], 3).float()),
-                    ("knn", knn_probs)]:
+                    ("knn", knn_probs5)]:
         for lv in ("fine", "coarse"):
-            ref = average_precisions(q, ql[lv], coll, cl[lv], collection_coarse=None if p is None else cl["coarse"],
-                                     query_coarse_probs=p)
+            ref = oracles.average_precisions(q, ql[lv], coll, cl[lv], cl["coarse"], p)
             np.testing.assert_allclose(got["aps"][(name, lv)].numpy(), ref.numpy(), rtol=0, atol=1e-6,
                                        err_msg=f"{name} {lv}")
 
