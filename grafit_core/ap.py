@@ -9,8 +9,8 @@ reference). With a ctx (grafit_core.distributed) the items are one shard of the 
 thresholds and the counts are summed over shards. That exchange is O(q x R) per chunk of q
 queries, and so are the thresholds and counts each worker holds: the lower bound for exact AP
 over a sharded collection (every relevant score must meet every shard's items), O(N) for a query
-at a coarse level (R ~ N / C). Rows are therefore taken in groups whose q x R stays within
-CHUNK_BYTES, the budget of the q x N/W scores themselves.
+at a coarse level (R ~ N / C). Rows are therefore taken in groups whose q x R buffers stay within
+a quarter of CHUNK_BYTES, the budget that also bounds the q x N/W scores.
 """
 import math
 
@@ -19,8 +19,10 @@ import torch
 
 from grafit_core import ap_kernel
 
-CHUNK_BYTES = 128 << 20   # per chunk of queries: the scores, and apart from them the AP's q x R buffers
-PAIR_BYTES = 64           # per (query, relevant item): threshold, count, indices, float64 precisions
+# Per chunk of queries, everything the pass allocates beside the (normalised) embeddings: half for
+# the q x N/W scores (metrics.pass_rows), a quarter for the AP's q x R buffers, the rest slack.
+CHUNK_BYTES = 128 << 20
+PAIR_BYTES = 128          # peak per (query, relevant item): threshold, count, indices, float64 precisions
 
 
 class LabelIndex:
@@ -55,7 +57,7 @@ class LabelIndex:
         return rows, (self.order[self.start[ql][rows] + pos] if rows.numel() else rows)
 
 
-def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budget=CHUNK_BYTES):
+def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budget=CHUNK_BYTES // 4):
     """(q,) float64 AP of each row of `scores` (this process's columns of the collection); NaN for
     a query with no relevant item anywhere.
 

@@ -225,9 +225,10 @@ def _coarse_logits(probs):
     return (torch.log(p) - torch.log1p(-p)).float()
 
 
-def pass_rows(n_shard, budget=CHUNK_BYTES):
-    """Queries per chunk: as many as keep the q x n float32 scores within the budget (128 MB), up
-    to 1024 (fewer, larger chunks amortise the per-chunk work that does not scale with n)."""
+def pass_rows(n_shard, budget=CHUNK_BYTES // 2):
+    """Queries per chunk: as many as keep the q x n float32 scores within half the chunk budget
+    (grafit_core.ap.CHUNK_BYTES), up to 1024 (fewer, larger chunks amortise the per-chunk work
+    that does not scale with n)."""
     return max(1, min(1024, budget // (4 * max(n_shard, 1))))
 
 

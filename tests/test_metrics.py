@@ -268,7 +268,7 @@ def test_ap_chunk_sizes_and_row_groups(counting):
     scores = normalise(coll[rows]) @ normalise(coll).T
     index = LabelIndex(cl)
     r_max = int(index.counts(cl[rows]).max())
-    for budget in (1, 64 * r_max * 2, 64 * r_max * 3):
+    for budget in (1, 128 * r_max * 2, 128 * r_max * 3):
         got = chunk_ap(scores, cl[rows], index, budget=budget)
         np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-15)
     np.testing.assert_allclose(ref.numpy(), oracles.average_precisions(coll[rows], cl[rows], coll, cl).numpy(),
