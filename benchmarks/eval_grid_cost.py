@@ -15,7 +15,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from grafit_core.config import load_config, with_overrides  # noqa: E402
+from grafit_core.config import with_overrides  # noqa: E402
+from orchestrator.job import load_job  # noqa: E402
 from grafit_core.data import prepare_data  # noqa: E402
 from grafit_core.engine import embed, fit  # noqa: E402
 from grafit_core.evaluate import check_against_data, evaluate  # noqa: E402
@@ -29,9 +30,10 @@ def main():
                         help="config override, e.g. optim.epochs=2")
     args = parser.parse_args()
     import yaml
-    cfg = load_config(args.config, {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
-    grid = cfg.sweep.eval_grid
-    base = with_overrides(cfg, {"sweep.eval_grid": {}})
+    job = load_job(args.config, {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    cfg = job.config
+    grid = job.sweep.eval_grid
+    base = with_overrides(cfg, {"eval.grid": {}})
     train, query = prepare_data(cfg.data)
     levels = check_against_data(cfg, train)
 

@@ -38,12 +38,12 @@ def main():
     plain_epoch = sum(h["epoch_time_s"] for h in plain.history) / len(plain.history)
 
     import ray
-    from orchestrator.train import run_training
+    from orchestrator.workers import run_training
     start = time.time()
     ray.init(address="local", num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
     init_s = time.time() - start
     result = run_training(cfg, workers=1, cpus_per_worker=args.threads, storage_path=args.storage_path,
-                          name=f"overhead-{int(time.time())}", max_failures=0, threads=args.threads)
+                          name=f"overhead-{int(time.time())}", max_failures=0)
     ray.shutdown()
     history = result.return_value["history"]
     ray_epoch = sum(h["epoch_time_s"] for h in history) / len(history)

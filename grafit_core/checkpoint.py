@@ -99,7 +99,8 @@ def load_trained(directory: str):
     meta = state.get("meta") or {}
     if "config" not in meta:
         raise ValueError(f"{path}: the checkpoint does not record its config (written by an older version)")
-    cfg = config_from_dict(meta["config"], path)
+    # checkpoints written before orchestrator/job.py also hold the orchestrator's sections
+    cfg = config_from_dict({k: v for k, v in meta["config"].items() if k not in ("sweep", "matrix", "tracking")}, path)
     method = get_method(cfg.method.name)(cfg, meta["in_channels"], meta["num_classes"])
     method.load_state_dict(state["method"])
     return cfg, method.eval(), meta

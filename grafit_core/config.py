@@ -11,7 +11,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -28,7 +28,7 @@ class DataConfig:
     augment: str = "natural"                  # transform preset, see grafit_core.data.transforms
     image_size: int = 32
     num_views: int = 2                        # T of eq. 1
-    check_images: str = "raise"               # raise | skip: what the up-front image check does
+    check_images: Literal["raise", "skip"] = "raise"   # what the up-front image check does
     num_workers: int = 0                      # DataLoader worker processes
 
 
@@ -37,7 +37,7 @@ class ModelConfig:
     trunk: str = "resnet18"
     small_stem: bool = False                  # 3x3 stride-1 stem, no max-pool (32-64 px inputs)
     width: int = 64                           # conv4 trunk only
-    projector: Optional[str] = None           # mlp | linear | none; default from the method
+    projector: Optional[Literal["mlp", "linear", "none"]] = None   # default from the method
     embed_dim: int = 128                      # d: size of g(x) and of memory rows
     hidden_dim: int = 1024                    # hidden width of projector / predictor MLPs
     sync_bn: bool = False                     # SyncBatchNorm across workers (GPU runs only)
@@ -51,7 +51,7 @@ class MethodConfig:
     w_ce: Optional[float] = None
     sigma: float = 0.05                       # temperature of eq. 2 (SNCA's value)
     tau_base: float = 0.99                    # EMA decay at step 0 (eq. 1's target network)
-    tau_schedule: str = "cosine"              # cosine (BYOL: tau_base -> 1) | constant
+    tau_schedule: Literal["cosine", "constant"] = "cosine"   # cosine: BYOL's tau_base -> 1
     memory_renormalize: bool = True           # m <- normalize((m+z)/2); false: paper's literal (m+z)/2
     clusters: int = 100                       # ClusterFit+: k-means clusters
     label_smoothing: float = 0.0
@@ -75,49 +75,16 @@ class EvalConfig:
     sigma: Optional[float] = None             # voting temperature of eq. 6; default: method.sigma
     val_size: int = 1000                      # fixed validation subset of the training collection
     batch_size: int = 512
-    knn_backend: str = "torch"                # torch (exact, the reference) | faiss (faiss-cpu IndexFlatIP)
-
-
-@dataclass
-class SweepConfig:
-    """A search over training parameters (Ray Tune) plus a grid of evaluation-only values that
-    every trial evaluates from its one set of embeddings (they never retrain)."""
-    space: dict = field(default_factory=dict)      # "method.sigma": {grid|choice: [...]} | {uniform|loguniform: [lo, hi]}
-    eval_grid: dict = field(default_factory=dict)  # "eval.k": [auto, 10, 20], "eval.sigma": [0.05, 0.1]
-    metric: Optional[str] = None              # ASHA's metric; default online_knn_top1/<finest test level>
-    mode: str = "max"
-    scheduler: str = "asha"                   # asha | fifo
-    grace_period: int = 1                     # ASHA: epochs before a trial can be stopped
-    search: str = "random"                    # random: Tune's grid + random variant generator
-    num_samples: int = 1                      # repeats of the grid (random draws for distributions)
-    max_concurrent: int = 1
-    workers: int = 1                          # Ray Train workers per trial
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-
-
-@dataclass
-class MatrixConfig:
-    """Coarse-to-fine matrices (paper Tables 3-4): train each method at each level, test at every level."""
-    methods: list[str] = field(default_factory=list)       # default: [method.name]
-    train_levels: list[str] = field(default_factory=list)  # default: none + every level of the dataset
-    finetune: bool = False                    # add a fine-tuning column: each cell's trunk fine-tuned at every
-                                              # test level with the job's finetune section (paper Table 6)
-
-
-@dataclass
-class TrackingConfig:
-    experiment: Optional[str] = None          # MLflow experiment; default: the job's name
-    embeddings_max_mb: float = 256.0          # log the collection's embeddings as Parquet up to this size
-    log_checkpoint: bool = True               # log the final checkpoint as an artifact
-    offline_wait_s: float = 600.0             # after training, how long to wait for an unreachable server
+    knn_backend: Literal["torch", "faiss"] = "torch"   # torch: exact, the reference; faiss: faiss-cpu IndexFlatIP
+    grid: dict = field(default_factory=dict)  # evaluation-only variants, e.g. {"eval.k": [10, 20]}: each is
+                                              # evaluated from the same embeddings (a job's sweep.eval_grid)
 
 
 @dataclass
 class FinetuneConfig:
     """A `grafit finetune` job (paper §4.6): the target task is the job's `data` section."""
     checkpoint: Optional[str] = None          # a grafit checkpoint dir (relative to this file); None: random trunk
-    head: str = "fc"                          # fc | mlp (Linear-BN-ReLU-Linear)
+    head: Literal["fc", "mlp"] = "fc"         # mlp: Linear-BN-ReLU-Linear
     level: Optional[str] = None               # the labels fine-tuned on; default the finest level
     epochs: int = 10
     batch_size: int = 256
@@ -137,9 +104,6 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    matrix: MatrixConfig = field(default_factory=MatrixConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     source: Optional[str] = None              # the file it was read from (set by load_config)
 
@@ -161,6 +125,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    if origin is Literal:                     # enumerations are said once, in the field's type
+        return any(value == v and type(value) is type(v) for v in typing.get_args(hint))
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -174,6 +140,10 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
@@ -210,8 +180,6 @@ def validate(cfg: Config) -> Config:
         bad("method.sigma", f"must be > 0, got {m.sigma}")
     if not 0.0 <= m.tau_base < 1.0:         # tau = 1 would freeze the target network at its init
         bad("method.tau_base", f"must be in [0, 1), got {m.tau_base}")
-    if m.tau_schedule not in ("cosine", "constant"):
-        bad("method.tau_schedule", f"must be cosine or constant, got {m.tau_schedule!r}")
     for key in ("w_knn", "w_inst", "w_ce"):
         if getattr(m, key) is not None and getattr(m, key) < 0:
             bad(f"method.{key}", "must be >= 0")
@@ -224,8 +192,6 @@ def validate(cfg: Config) -> Config:
     if not e.k_candidates or min(e.k_candidates) < 1:
         bad("eval.k_candidates", "must be a non-empty list of integers >= 1")
     ft = cfg.finetune
-    if ft.head not in ("fc", "mlp"):
-        bad("finetune.head", f"must be fc or mlp, got {ft.head!r}")
     for key, value, low in (("finetune.epochs", ft.epochs, 1), ("finetune.batch_size", ft.batch_size, 2),
                             ("finetune.hidden_dim", ft.hidden_dim, 1)):
         if value < low:
@@ -237,8 +203,6 @@ def validate(cfg: Config) -> Config:
             bad(key, f"must be >= 0, got {value}")
     if not 0 <= ft.warmup_epochs < ft.epochs:
         bad("finetune.warmup_epochs", f"must be in [0, finetune.epochs = {ft.epochs}), got {ft.warmup_epochs}")
-    if e.knn_backend not in ("torch", "faiss"):
-        bad("eval.knn_backend", f"must be torch or faiss, got {e.knn_backend!r}")
     for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),
                             ("data.num_views", d.num_views, 1), ("data.image_size", d.image_size, 8),
                             ("model.embed_dim", cfg.model.embed_dim, 1), ("eval.val_size", e.val_size, 1)):
@@ -246,10 +210,6 @@ def validate(cfg: Config) -> Config:
             bad(key, f"must be >= {low}, got {value}")
     if o.base_lr <= 0:
         bad("optim.base_lr", f"must be > 0, got {o.base_lr}")
-    if d.check_images not in ("raise", "skip"):
-        bad("data.check_images", f"must be raise or skip, got {d.check_images!r}")
-    if cfg.model.projector not in (None, "mlp", "linear", "none"):
-        bad("model.projector", f"must be mlp, linear or none, got {cfg.model.projector!r}")
     return cfg
 
 
@@ -302,9 +262,13 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
     data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
+    return config_from_file(data, path)
+
+
+def config_from_file(data: dict, path: str) -> Config:
+    """A file's data as a validated Config; data.root and finetune.checkpoint relative to the file."""
     cfg = from_dict(Config, data, "", path)
     cfg.source = path
-    check_sweep(cfg)
     here = os.path.dirname(os.path.abspath(path))
     for section, key in ((cfg.data, "root"), (cfg.finetune, "checkpoint")):   # relative to the job file
         value = getattr(section, key)
@@ -314,77 +278,12 @@ def load_config(path: str, overrides: Optional[dict] = None) -> Config:
     return validate(cfg)
 
 
-# ====== sweeps ======
-EVAL_ONLY = ("eval.k", "eval.sigma", "eval.k_candidates", "eval.knn_backend")   # change nothing in training
-NOT_SWEPT = ("name", "source", "sweep", "matrix", "tracking", "data.test_levels", "data.name", "data.root")
-SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
-
-
 def with_overrides(cfg: Config, overrides: dict) -> Config:
     """A copy of cfg with dotted keys replaced, validated like a file (errors name the key)."""
     data = to_dict(cfg)
     for dotted, value in overrides.items():
         set_dotted(data, dotted, value)
     return config_from_dict(data, cfg.source or "<config>")
-
-
-def _field_exists(dotted: str) -> bool:
-    cls = Config
-    for part in dotted.split("."):
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if part not in fields:
-            return False
-        cls = typing.get_type_hints(cls)[part]
-    return not dataclasses.is_dataclass(cls)
-
-
-def check_sweep(cfg: Config) -> None:
-    """Every swept value must make a valid config; eval-only keys belong in eval_grid."""
-    src, sw = cfg.source or "<config>", cfg.sweep
-
-    def bad(key, msg):
-        raise ConfigError(f"{src}: {key}: {msg}")
-
-    for key, spec in sw.space.items():
-        where = f"sweep.space.{key}"
-        if key in EVAL_ONLY:
-            bad(where, "evaluation-only (changes nothing in training): put it in sweep.eval_grid")
-        if key.split(".")[0] in NOT_SWEPT or key in NOT_SWEPT or not _field_exists(key):
-            bad(where, "not a parameter that can be swept")
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
-            bad(where, f"expected one of {{{', '.join(k + ': ...' for k in SPACE_KINDS)}}}, got {spec!r}")
-        kind, values = next(iter(spec.items()))
-        if kind in ("grid", "choice"):
-            if not isinstance(values, list) or not values:
-                bad(f"{where}.{kind}", "expected a non-empty list of values")
-        elif (not isinstance(values, list) or len(values) != 2
-              or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-              or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0)):
-            bad(f"{where}.{kind}", f"expected [low, high] with low < high{' and low > 0' if kind == 'loguniform' else ''}")
-        for value in values:                     # grid values, or the bounds of a distribution
-            try:
-                with_overrides(cfg, {key: value})
-            except ConfigError as err:
-                bad(f"{where}.{kind}", f"value {value!r}: {str(err).split(': ', 1)[-1]}")
-    for key, values in sw.eval_grid.items():
-        where = f"sweep.eval_grid.{key}"
-        if key not in EVAL_ONLY:
-            bad(where, f"only evaluation-only keys ({', '.join(EVAL_ONLY)}) go here; sweep training keys in sweep.space")
-        if not isinstance(values, list) or not values:
-            bad(where, "expected a non-empty list of values")
-        for value in values:
-            try:
-                with_overrides(cfg, {key: value})
-            except ConfigError as err:
-                bad(where, f"value {value!r}: {str(err).split(': ', 1)[-1]}")
-    for key, value, allowed in (("sweep.scheduler", sw.scheduler, ("asha", "fifo")),
-                                ("sweep.mode", sw.mode, ("max", "min")), ("sweep.search", sw.search, ("random",))):
-        if value not in allowed:
-            bad(key, f"must be one of {', '.join(allowed)}, got {value!r}")
-    for key, value, low in (("sweep.num_samples", sw.num_samples, 1), ("sweep.max_concurrent", sw.max_concurrent, 1),
-                            ("sweep.workers", sw.workers, 1), ("sweep.grace_period", sw.grace_period, 1)):
-        if value < low:
-            bad(key, f"must be >= {low}, got {value}")
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -402,6 +301,7 @@ def to_dict(cfg: Config) -> dict:
 
 # What a checkpoint's config may differ in and still be resumed: more epochs, evaluation-only
 # values, names, tracking, where the data lives and how it is read (never what is trained).
+# (sweep., matrix., tracking.: sections that checkpoints written before orchestrator/job.py held)
 FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "sweep.", "matrix.", "tracking.", "finetune.",
                        "data.root", "data.num_workers", "data.options.cache_size", "data.test_levels")
 

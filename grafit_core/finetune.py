@@ -118,10 +118,10 @@ def accuracy(net: nn.Module, test: Collection, labels: torch.Tensor, cfg: Config
 
 def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext = DistContext(),
              on_epoch: Optional[Callable] = None, log: Callable = print,
-             resume_from: Optional[str] = None) -> FinetuneResult:
+             resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> FinetuneResult:
     """Fine-tune on train's labels at finetune.level (default: the finest level), test on `test`.
     on_epoch(epoch, stats, save): save(directory) writes the state (rank 0: net, optimizer, epoch,
-    history); resume_from continues from such a directory."""
+    history); resume_from continues from such a directory; on_step(epoch, step_in_epoch) as in fit."""
     level = cfg.finetune.level or train.hierarchy.levels[-1]
     ocfg = _as_optim(cfg)
     labels = torch.as_tensor(train.labels_at(level))
@@ -153,7 +153,9 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
         sampler.set_epoch(epoch)
         start, losses = time.time(), []
         net.train()
-        for views, y, _ in loader:
+        for i, (views, y, _) in enumerate(loader):
+            if on_step is not None:
+                on_step(epoch + 1, i)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, ocfg.lr)
             loss = F.cross_entropy(model(views[:, 0].to(ctx.device)), y.to(ctx.device))

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 
@@ -110,8 +111,8 @@ class Journal:
         if send_now:
             self.thread.start()
 
-    def record(self, kind: str, **data) -> None:
-        rec = {"seq": self.seq, "uri": self.uri, "run_id": self.run_id, "kind": kind, **data}
+    def record(self, kind: str, run_id: str | None = None, **data) -> None:
+        rec = {"seq": self.seq, "uri": self.uri, "run_id": run_id or self.run_id, "kind": kind, **data}
         self.seq += 1
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -142,8 +143,9 @@ class Journal:
     def log_artifacts(self, local_dir: str, dest: str) -> None:
         self.record("artifacts", local=os.path.abspath(local_dir), dest=dest)
 
-    def end(self, ok: bool) -> None:
-        self.record("end", status="FINISHED" if ok else "FAILED")
+    def end(self, ok: bool | str, run_id: str | None = None) -> None:
+        """ok: True (FINISHED), False (FAILED) or a status (KILLED); run_id: another run (a child)."""
+        self.record("end", run_id, status=ok if isinstance(ok, str) else "FINISHED" if ok else "FAILED")
 
     def close(self, timeout: float) -> bool:
         """Wait up to `timeout` s for the records to reach the server; True if they all did.
@@ -158,18 +160,25 @@ class Journal:
 
     def _loop(self) -> None:
         while (rec := self.queue.get()) is not None:
-            tries = 0
-            while not self.abandoned:
-                try:
-                    send(rec)
-                    _mark_sent(self.path, rec["seq"])
-                    self.sent = rec["seq"]
-                    break
-                except Exception:                                   # server away: wait, retry
-                    if time.time() > self.deadline:
-                        return
-                    time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])
-                    tries += 1
+            if not deliver(self.path, rec, lambda: self.deadline, stop=lambda: self.abandoned):
+                return
+            self.sent = rec["seq"]
+
+
+def deliver(path: str, rec: dict, deadline, stop=lambda: False, replaying: bool = False) -> bool:
+    """Send one record, retrying while the server is away, until deadline() passes; mark it sent."""
+    tries = 0
+    while not stop():
+        try:
+            send(rec, replaying=replaying)
+            _mark_sent(path, rec["seq"])
+            return True
+        except Exception:                                   # server away: wait, retry
+            if time.time() > deadline():
+                return False
+            time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])
+            tries += 1
+    return False
 
 
 def replay(path: str, timeout: float) -> bool:
@@ -177,21 +186,13 @@ def replay(path: str, timeout: float) -> bool:
     _quiet_client_retries()
     _repair(path)
     deadline, done = time.time() + timeout, last_sent(path)
-    for rec in records(path):
-        if rec["seq"] <= done:
-            continue
-        tries = 0
-        while True:
-            try:
-                send(rec, replaying=True)
-                _mark_sent(path, rec["seq"])
-                break
-            except Exception:
-                if time.time() > deadline:
-                    return False
-                time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])
-                tries += 1
-    return True
+    return all(deliver(path, rec, lambda: deadline, replaying=True) for rec in records(path) if rec["seq"] > done)
+
+
+def local_dir(storage_key: str, run_id: str) -> str:
+    """Where a run's journals live: beside its checkpoints, or in /tmp for a remote storage URI."""
+    return (os.path.join(storage_key, "mlflow_journal") if "://" not in storage_key else
+            os.path.join(tempfile.gettempdir(), "grafit-journal", run_id))
 
 
 DRIVER = "driver.jsonl"      # the driver's records (checkpoint, the run's end) go after the workers'

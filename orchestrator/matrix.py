@@ -12,21 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 
-from grafit_core.config import Config, with_overrides
 from orchestrator import figures, tracking
+from orchestrator.journal import Journal
+from orchestrator.prepare import launch, prepare
+from orchestrator.sweep import run_sweep
 
 METRICS = ("knn_top1", "map_cosine", "map_cond", "map_oracle", "finetune_top1")
-
-
-def matrix_sweep(cfg: Config, levels: list[str]) -> Config:
-    """The sweep that runs every cell: a FIFO grid over methods x training levels."""
-    m = cfg.matrix
-    methods = m.methods or [cfg.method.name]
-    train_levels = m.train_levels or ["none", *levels]
-    space = {"method.name": {"grid": methods}, "data.train_level": {"grid": train_levels}}
-    return with_overrides(cfg, {"sweep.space": space, "sweep.scheduler": "fifo",
-                                "matrix.methods": methods, "matrix.train_levels": train_levels})
 
 
 def assemble(grid, test_levels: list[str]) -> dict:
@@ -74,18 +67,37 @@ def artifacts(matrices: dict, train_levels: list[str], test_levels: list[str]):
             yield f"levels_{metric}.png", figures.level_lines(per_method, train_levels, test_levels[-1], metric)
 
 
-def log_matrices(uri: str, run_id: str, matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
-    """Everything the parent run shows: metrics, JSON, CSVs, heatmaps, Fig. 3 lines."""
-    c = tracking.client(uri)
-    tracking.log_metrics(uri, run_id, flat_metrics(matrices))
-    c.log_dict(run_id, {"train_levels": train_levels, "test_levels": test_levels, "matrices": matrices},
-               "matrices/matrices.json")
+def log_matrices(log: Journal, matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
+    """Everything the parent run shows (metrics, JSON, CSVs, heatmaps, Fig. 3 lines), written beside
+    its journal and sent through it."""
+    log.log_metrics(flat_metrics(matrices), step=0)
+    log.log_dict({"train_levels": train_levels, "test_levels": test_levels, "matrices": matrices},
+                 "matrices/matrices.json")
     for name, item in artifacts(matrices, train_levels, test_levels):
         if isinstance(item, str):
-            c.log_text(run_id, item, f"matrices/{name}")
+            log_file(log, name, "matrices", lambda path, text=item: write_text(path, text))
         else:
-            c.log_figure(run_id, item, f"figures/{name}")
-            figures.plt.close(item)
+            log_figure(log, item, name)
+
+
+def log_file(log: Journal, name: str, dest: str, write) -> None:
+    """write(path) a file beside the journal (atomically), then send it as an artifact under dest."""
+    path = os.path.join(os.path.dirname(log.path), dest, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+    log.log_artifact(path, dest)
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def log_figure(log: Journal, fig, name: str) -> None:
+    log_file(log, name, "figures", lambda path: fig.savefig(path, format="png"))
+    figures.plt.close(fig)
 
 
 def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -> str:
@@ -99,7 +111,7 @@ def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -
     return "\n".join(lines)
 
 
-def example_figures(uri: str, run_id: str, grid, train, query, train_levels: list[str], test_levels: list[str],
+def example_figures(log: Journal, grid, train, query, train_levels: list[str], test_levels: list[str],
                     n_queries: int = 4, max_collection: int = 200_000) -> list[str]:
     """Fig. 1 (queries with their top-10 for the CE baseline and for Grafit, correct ones green) and
     Fig. 4 (t-SNE of one coarse class coloured by fine class), from the cells trained at the
@@ -121,7 +133,7 @@ def example_figures(uri: str, run_id: str, grid, train, query, train_levels: lis
     fine = test_levels[-1]
     fine_train, fine_query = train.labels_at(fine), query.labels_at(fine)
     picks = [int(i) for i in np.linspace(0, len(query) - 1, n_queries)]
-    rows, written, c = [], [], tracking.client(uri)
+    rows, written = [], []
     for name in ("ce", ours):
         cfg, method, meta = load_trained(ckpts[name])
         tf = build_transform(cfg.data.augment, cfg.data.image_size, meta["in_channels"], train=False)
@@ -136,11 +148,34 @@ def example_figures(uri: str, run_id: str, grid, train, query, train_levels: lis
             members = np.nonzero(train.labels_at(level) == 0)[0]
             fig = figures.tsne_map(bank[members].numpy(), fine_train[members].tolist(), train.hierarchy.classes[fine],
                                    f"{ours} trained on {level}: {train.hierarchy.classes[level][0]} by {fine}")
-            c.log_figure(run_id, fig, "figures/tsne.png")
-            figures.plt.close(fig)
+            log_figure(log, fig, "tsne.png")
             written.append("figures/tsne.png")
     rows = [r for pair in zip(rows[:n_queries], rows[n_queries:]) for r in pair]   # baseline above ours
-    fig = figures.retrieval_grid(rows)
-    c.log_figure(run_id, fig, "figures/retrieval_grid.png")
-    figures.plt.close(fig)
+    log_figure(log, figures.retrieval_grid(rows), "retrieval_grid.png")
     return written + ["figures/retrieval_grid.png"]
+
+
+def cmd_matrix(args) -> int:
+    """Train every method at every training level, test at every level, log the matrices."""
+    prep = prepare("matrix", args)
+    job, levels = prep.job, prep.levels
+    train_levels = job.matrix.train_levels
+    print(f"matrix {job.config.name}: {len(job.matrix.methods)} methods x {len(train_levels)} training levels "
+          f"= {len(job.matrix.methods) * len(train_levels)} cells, tested at {', '.join(levels)}", flush=True)
+    if not launch(prep):
+        return 0
+    matrices = {}
+
+    def after(grid, log):
+        matrices.update(assemble(grid, levels))
+        log_matrices(log, matrices, train_levels, levels)
+        example_figures(log, grid, prep.train, prep.query, train_levels, levels)
+
+    grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures, after=after)
+    for metric in METRICS:
+        for method, rows in matrices.get(metric, {}).items():
+            print(f"\n== {metric} (%) of {method}: rows = training level, columns = test level ==")
+            print(format_matrix(rows, train_levels, levels))
+    print(f"\nMLflow parent run {parent} (matrices, heatmaps, one child run per cell) in {tracking.tracking_uri()}")
+    print("open it with: .venv/bin/grafit ui   (then http://127.0.0.1:5000)")
+    return 0 if grid.num_errors == 0 else 1

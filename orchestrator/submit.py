@@ -10,9 +10,9 @@ checkpoint storage and the MLflow server. The cluster's auth token is sent as a 
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import io
 import os
 import shlex
 import sys
@@ -20,11 +20,14 @@ import time
 
 import yaml
 
-from grafit_core.config import load_config, read_yaml
+from grafit_core.config import read_yaml
 from grafit_core.errors import ConfigError, GrafitError
+from orchestrator import tracking
+from orchestrator.job import load_job
+from orchestrator.prepare import RUN_COMMANDS, add_run_flags, prepare
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("train", "sweep", "matrix", "finetune")
+ROOT = tracking.ROOT
+KINDS = tuple(RUN_COMMANDS)
 SPEC_KEYS = ("kind", "config", "options", "set", "runtime_env", "entrypoint_num_cpus")
 # what never travels with the working dir: environments, local runs and stores
 EXCLUDES = [".git", ".venv", "runs", "mlflow.db", "mlartifacts", "mlruns", "__pycache__", "*.egg-info",
@@ -59,7 +62,7 @@ def load_spec(path: str) -> dict:
 
 def command_argv(spec: dict, path: str, storage: str) -> list[str]:
     """The `grafit` arguments the job runs, with paths made absolute where the cluster needs them."""
-    cfg = load_config(spec["config"], spec["set"])           # errors name the file and key
+    cfg = load_job(spec["config"], spec["set"]).config        # errors name the file and key
     overrides = dict(spec["set"])
     if cfg.data.root is not None:
         # a root relative to the job file would resolve inside the uploaded copy: pass it absolute
@@ -86,16 +89,15 @@ def yaml_scalar(value) -> str:
 
 
 def check_locally(argv: list[str], path: str) -> None:
-    """Parse the flags with the real parser and run the command's own checks (`--check`)."""
-    from orchestrator.cli import build_parser
-    err = io.StringIO()
+    """Parse the flags as the command will and run its own preparation (`prepare`)."""
+    kind = argv[0]
+    parser = add_run_flags(argparse.ArgumentParser(prog=f"grafit {kind}", exit_on_error=False), kind)
     try:
-        with contextlib.redirect_stderr(err):
-            args = build_parser().parse_args(argv + ["--check"])
-    except SystemExit:
-        msg = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "bad options"
-        raise ConfigError(f"{path}: options: {msg.split('error: ', 1)[-1]}") from None
-    args.func(args)
+        args = parser.parse_args(argv[1:])
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise ConfigError(f"{path}: options: {err}") from None
+    args.config = os.path.join(ROOT, args.config)
+    prepare(kind, args)
 
 
 def storage_path(spec: dict, flag: str | None, path: str) -> str:
@@ -109,7 +111,7 @@ def storage_path(spec: dict, flag: str | None, path: str) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
 
-def tracking_uri(spec: dict, flag: str | None, path: str) -> str:
+def cluster_tracking_uri(spec: dict, flag: str | None, path: str) -> str:
     """--mlflow-uri, else the spec's runtime_env, else MLFLOW_TRACKING_URI."""
     uri = flag or (spec["runtime_env"].get("env_vars") or {}).get("MLFLOW_TRACKING_URI") \
         or os.environ.get("MLFLOW_TRACKING_URI")
@@ -119,8 +121,7 @@ def tracking_uri(spec: dict, flag: str | None, path: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raise ConfigError(f"{path}: MLFLOW_TRACKING_URI {uri}: a relative sqlite path would resolve in the "
                           f"job's working dir on the cluster; use an absolute path or a server")
-    from orchestrator.tracking import check_server
-    check_server(uri)
+    tracking.check_server(uri)
     return uri
 
 
@@ -138,7 +139,7 @@ def auth_headers(token_file: str | None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def client(address: str, token_file: str | None):
+def job_server(address: str, token_file: str | None):
     from ray.job_submission import JobSubmissionClient
     with explained(address):
         return JobSubmissionClient(address, headers=auth_headers(token_file))
@@ -168,13 +169,13 @@ def cmd_submit(args) -> int:
     storage = storage_path(spec, args.storage_path, path)
     argv = command_argv(spec, path, storage)
     check_locally(argv, path)                                # nothing is started on a failure
-    uri = tracking_uri(spec, args.mlflow_uri, path)
+    uri = cluster_tracking_uri(spec, args.mlflow_uri, path)
     env = dict(spec["runtime_env"])
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
                 "PYTHONUNBUFFERED": "1", **(env.pop("env_vars", None) or {}), "MLFLOW_TRACKING_URI": uri}
     runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
     entrypoint = "python -m orchestrator.cli " + shlex.join(argv)
-    jobs = client(args.address, args.token_file)
+    jobs = job_server(args.address, args.token_file)
     deadline = time.time() + 120
     while True:
         try:
@@ -203,7 +204,7 @@ def cmd_submit(args) -> int:
 
 def cmd_jobs(args) -> int:
     with explained(args.address):
-        return jobs_action(client(args.address, args.token_file), args)
+        return jobs_action(job_server(args.address, args.token_file), args)
 
 
 def jobs_action(jobs, args) -> int:

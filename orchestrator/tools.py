@@ -43,7 +43,7 @@ def cmd_evaluate(args) -> int:
     train, query = load_folders(args.data, levels=levels, query_fraction=args.query_fraction, split="sorted",
                                 channels=channels)
     # conditioning uses the coarsest level of the new taxonomy, through eq. 6 over the collection
-    ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels, "sweep.eval_grid": {},
+    ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels, "eval.grid": {},
                                 "eval.k": args.k if args.k == "auto" else int(args.k)})
     tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=False)
     bank, _ = embed(method, train, ecfg, DistContext(), tf)

@@ -24,33 +24,26 @@ def tracking_uri() -> str:
 
 def check_server(uri: str) -> None:
     """An MLflow server that does not answer is refused before any training starts."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.request
-    from grafit_core.errors import GrafitError
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
-    except OSError as err:
-        raise GrafitError(f"MLflow tracking server {uri} does not answer ({err}); start it "
-                          f"(cluster/mlflow_server.sh start) or point MLFLOW_TRACKING_URI elsewhere; "
-                          f"nothing was started") from None
+    if not wait_for_server(uri, 0):
+        from grafit_core.errors import GrafitError
+        raise GrafitError(f"MLflow tracking server {uri} does not answer; start it (cluster/mlflow_server.sh "
+                          f"start) or point MLFLOW_TRACKING_URI elsewhere; nothing was started")
 
 
 def wait_for_server(uri: str, timeout: float) -> bool:
     """Poll an MLflow server's /health up to `timeout` s (True at once for a local store)."""
-    if not uri.startswith(("http://", "https://")):
-        return True
     import time
     import urllib.request
     deadline = time.time() + timeout
-    while True:
+    while uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5 if timeout else 10).read()
             return True
         except OSError:
             if time.time() > deadline:
                 return False
             time.sleep(2)
+    return True
 
 
 def client(uri: str):
@@ -148,27 +141,6 @@ def resumable_run(uri: str, experiment: str, storage_key: str) -> tuple[str | No
     return run_id, max(steps, default=0)
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
-    from mlflow.entities import Metric
-    import time
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and v == v]
-    c = client(uri)
-    for i in range(0, len(items), 500):
-        c.log_batch(run_id, metrics=items[i:i + 500])
-
-
-def set_tags(uri: str, run_id: str, tags: dict) -> None:
-    c = client(uri)
-    for key, value in tags.items():
-        c.set_tag(run_id, key, str(value))
-
-
-def log_dict(uri: str, run_id: str, data: dict, name: str) -> None:
-    client(uri).log_dict(run_id, data, name)
-
-
 def write_embeddings(shard, offset: int, train, max_mb: float, path: str) -> bool:
     """The collection's embeddings as Parquet with the labels at every level, one row per item;
     each rank writes the rows it owns as one part file (atomically: temporary name, then rename).
@@ -186,7 +158,3 @@ def write_embeddings(shard, offset: int, train, max_mb: float, path: str) -> boo
     pq.write_table(pa.table(columns), tmp)
     os.replace(tmp, path)
     return True
-
-
-def end_run(uri: str, run_id: str, ok: bool) -> None:
-    client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")

@@ -135,7 +135,7 @@ def test_ray_run_with_a_changed_config_is_refused_before_ray_starts(tmp_path):
     pytest.importorskip("ray")
     from grafit_core.config import with_overrides
     from grafit_core.errors import ConfigError
-    from orchestrator.train import run_training
+    from orchestrator.workers import run_training
     cfg = config_from_dict({**JOB, "optim": {"epochs": 1, "batch_size": 16}})
     train, query = prepare_data(cfg.data)
     ckpt = tmp_path / "runs" / "job" / "checkpoint_2026-01-01_00-00-00.000000"

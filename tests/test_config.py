@@ -8,6 +8,7 @@ import yaml
 
 from grafit_core.config import load_config
 from grafit_core.errors import ConfigError
+from orchestrator.job import load_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +138,7 @@ def test_every_job_file_loads():
         elif path.endswith("table6.yaml"):
             check_table6_spec(path)
         else:
-            load_config(path)
+            load_job(path)
 
 
 def check_submit_spec(path):

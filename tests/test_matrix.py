@@ -53,8 +53,9 @@ def test_csv_and_printed_matrix_show_skipped_cells():
 
 
 def test_matrix_sweep_is_a_fifo_grid_over_methods_and_levels():
-    cfg = config_from_dict({"data": {"name": "synthetic"}, "matrix": {"methods": ["grafit", "ce"]}})
-    sw = matrix.matrix_sweep(cfg, ["l0", "l1"])
+    from orchestrator.job import job_from_dict, matrix_sweep
+    sw = matrix_sweep(job_from_dict({"data": {"name": "synthetic"}, "matrix": {"methods": ["grafit", "ce"]}}, "<dict>"),
+                      ["l0", "l1"])
     assert sw.sweep.space == {"method.name": {"grid": ["grafit", "ce"]},
                               "data.train_level": {"grid": ["none", "l0", "l1"]}}
     assert sw.sweep.scheduler == "fifo" and sw.matrix.train_levels == ["none", "l0", "l1"]
@@ -76,10 +77,13 @@ def test_report_rebuilds_matrices_and_figures_from_mlflow(tmp_path, capsys):
     from orchestrator import tracking
     from orchestrator.cli import main as grafit
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    from orchestrator.journal import Journal
     run_id = tracking.start_run(uri, "report-test", "matrix", {"name": "report-test"}, {})
     m = matrix.assemble(GRID, ["a", "b"])
-    matrix.log_matrices(uri, run_id, m, ["none", "a", "b"], ["a", "b"])
-    tracking.end_run(uri, run_id, True)
+    log = Journal(uri, run_id, str(tmp_path / "journal" / "parent.jsonl"))
+    matrix.log_matrices(log, m, ["none", "a", "b"], ["a", "b"])
+    log.end(True)
+    assert log.close(60)
     out = tmp_path / "report"
     assert grafit(["report", "report-test", "--out", str(out), "--backend-store-uri", uri]) == 0
     text = capsys.readouterr().out
@@ -100,7 +104,8 @@ def test_matrix_fine_tuning_column_is_recorded_next_to_knn_and_map(tmp_path, mon
     ray = pytest.importorskip("ray")
     import yaml
     from mlflow.tracking import MlflowClient
-    from grafit_core.config import load_config, with_overrides
+    from grafit_core.config import with_overrides
+    from orchestrator.job import load_job
     from grafit_core.data import prepare_data
     from grafit_core.finetune import finetune
     from orchestrator.cli import main as grafit
@@ -126,7 +131,7 @@ def test_matrix_fine_tuning_column_is_recorded_next_to_knn_and_map(tmp_path, mon
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     (cell,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     ckpt = c.download_artifacts(cell.info.run_id, "checkpoint", str(tmp_path / "dl"))
-    cfg = load_config(str(path))
+    cfg = load_job(str(path)).config
     train, test = prepare_data(cfg.data)
     for level in ("l1", "l2"):
         value = parent.data.metrics[f"finetune_top1/grafit/train_l0/test_{level}"]

@@ -44,7 +44,7 @@ def reference():
 
 
 def test_two_worker_torchtrainer_equals_plain_gloo_run(ray_local, reference, tmp_path):
-    from orchestrator.train import run_training
+    from orchestrator.workers import run_training
     result = run_training(config_from_dict(JOB), workers=2, storage_path=str(tmp_path), name="clean",
                           max_failures=0)
     assert result.error is None
@@ -61,11 +61,12 @@ def test_two_worker_torchtrainer_equals_plain_gloo_run(ray_local, reference, tmp
 
 
 def test_worker_sigkill_mid_epoch_resumes_to_the_same_metrics(ray_local, reference, tmp_path, monkeypatch):
-    from orchestrator.train import KILL_ENV, run_training
+    from faults import SigkillAt, picklable_by_value
+    from orchestrator.workers import run_training
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_ENV, f"2:2:1:{marker}")       # rank 1 dies at step 2 of epoch 2
+    picklable_by_value()
     result = run_training(config_from_dict(JOB), workers=2, storage_path=str(tmp_path), name="faulty",
-                          max_failures=1)
+                          max_failures=1, on_step=SigkillAt(2, 2, 1, str(marker)))   # rank 1, step 2 of epoch 2
     assert marker.exists(), "the worker was not killed"
     assert result.error is None
     metrics, losses = reference[0]

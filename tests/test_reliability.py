@@ -52,18 +52,25 @@ def write_job(tmp_path, **changes):
 def test_a_trial_killed_mid_epoch_is_marked_failed_and_the_sweep_goes_on(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     from mlflow.tracking import MlflowClient
-    from orchestrator.train import KILL_ENV
+    from faults import SigkillAt, picklable_by_value
+    from orchestrator import sweep
+    from orchestrator.cli import build_parser
+    from orchestrator.prepare import connect_ray, prepare
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_ENV, f"1:1:0:{marker}")      # the first trial's worker: SIGKILL at step 2 of epoch 1
     path = write_job(tmp_path, sweep={"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo",
                                       "max_concurrent": 1})
+    prep = prepare("sweep", build_parser().parse_args(["sweep", path]))
+    picklable_by_value()
     try:
-        rc = grafit(["sweep", path, "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2", "--max-failures", "0"])
+        connect_ray(None, 2)
+        # the first trial's worker: SIGKILL at step 2 of epoch 1 (the marker makes it once)
+        grid, _ = sweep.run_sweep(prep, storage_path=str(tmp_path / "runs"), max_failures=0,
+                                  on_step=SigkillAt(1, 1, 0, str(marker)))
     finally:
         ray.shutdown()
-    assert marker.exists() and rc == 0                    # one trial failed, the sweep finished
+    assert marker.exists() and grid.num_errors == 1       # one trial failed, the sweep finished
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("reliability").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
@@ -198,7 +205,7 @@ def test_journal_never_blocks_on_an_unreachable_server(tmp_path):
 
 
 def test_submit_overrides_round_trip_through_the_command_line():
-    from orchestrator.cli import parse_set
+    from orchestrator.job import parse_set
     from orchestrator.submit import yaml_scalar
     for value in (1e-5, 2.5e16, 0.1, 3, "abc", "1e-5", True, None, [1, 2.5e-7], {"a": 1}, "a b: c"):
         assert parse_set([f"k={yaml_scalar(value)}"])["k"] == value, value

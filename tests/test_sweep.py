@@ -4,7 +4,7 @@ import os
 import pytest
 import yaml
 
-from grafit_core.config import load_config
+from orchestrator.job import load_job
 from grafit_core.errors import ConfigError
 from orchestrator.cli import main as grafit
 
@@ -46,7 +46,7 @@ def write(tmp_path, sweep, name="sweep.yaml"):
 def test_sweep_errors_name_the_key(tmp_path, sweep, key):
     path = write(tmp_path, sweep)
     with pytest.raises(ConfigError) as err:
-        load_config(path)
+        load_job(path)
     assert str(err.value).startswith(f"{path}: {key}:"), str(err.value)
 
 

@@ -5,31 +5,35 @@ the config's `data.options` are checked against its signature before anything is
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 
+from grafit_core.data.cifar import load_cifar100
+from grafit_core.data.folders import load_folders, load_omniglot
 from grafit_core.data.hierarchy import NONE_LEVEL, Collection, Hierarchy, build_hierarchy
+from grafit_core.data.imagenet import load_imagenet
+from grafit_core.data.inaturalist import load_inaturalist
+from grafit_core.data.synthetic import load_synthetic
+from grafit_core.data.transfer import load_flowers102, load_food101, load_stanford_cars
 from grafit_core.errors import ConfigError
 
-# name -> "module:function"; imported lazily so a loader's dependencies stay optional.
+# name -> loader (a loader's optional dependencies, e.g. scipy, are imported inside it)
 DATASETS = {
-    "folders": "grafit_core.data.folders:load_folders",
-    "omniglot": "grafit_core.data.folders:load_omniglot",
-    "synthetic": "grafit_core.data.synthetic:load_synthetic",
-    "cifar100": "grafit_core.data.cifar:load_cifar100",
-    "inaturalist": "grafit_core.data.inaturalist:load_inaturalist",
-    "imagenet": "grafit_core.data.imagenet:load_imagenet",
-    "flowers102": "grafit_core.data.transfer:load_flowers102",
-    "stanford_cars": "grafit_core.data.transfer:load_stanford_cars",
-    "food101": "grafit_core.data.transfer:load_food101",
+    "folders": load_folders,
+    "omniglot": load_omniglot,
+    "synthetic": load_synthetic,
+    "cifar100": load_cifar100,
+    "inaturalist": load_inaturalist,
+    "imagenet": load_imagenet,
+    "flowers102": load_flowers102,
+    "stanford_cars": load_stanford_cars,
+    "food101": load_food101,
 }
 
 
 def get_loader(name: str):
     if name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    module, fn = DATASETS[name].split(":")
-    return getattr(importlib.import_module(module), fn)
+    return DATASETS[name]
 
 
 def check_options(name: str, options: dict, where: str = "data.options") -> None:

@@ -1,0 +1,182 @@
+"""A job file: one YAML schema, read into the core's Config plus the sections only the orchestrator
+reads (sweep, matrix, tracking). Errors name the file and the key, as the core's do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+from grafit_core.config import (Config, config_from_dict, config_from_file, from_dict, read_yaml, set_dotted,
+                                to_dict, with_overrides)
+from grafit_core.errors import ConfigError, GrafitError
+
+
+@dataclass
+class SweepConfig:
+    """A search over training parameters (Ray Tune) plus a grid of evaluation-only values that
+    every trial evaluates from its one set of embeddings (they never retrain)."""
+    space: dict = field(default_factory=dict)      # "method.sigma": {grid|choice: [...]} | {uniform|loguniform: [lo, hi]}
+    eval_grid: dict = field(default_factory=dict)  # "eval.k": [auto, 10, 20] (becomes the core's eval.grid)
+    metric: Optional[str] = None              # ASHA's metric; default online_knn_top1/<finest test level>
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1                     # ASHA: epochs before a trial can be stopped
+    search: Literal["random"] = "random"      # Tune's grid + random variant generator
+    num_samples: int = 1                      # repeats of the grid (random draws for distributions)
+    max_concurrent: int = 1
+    workers: int = 1                          # Ray Train workers per trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class MatrixConfig:
+    """Coarse-to-fine matrices (paper Tables 3-4): train each method at each level, test at every level."""
+    methods: list[str] = field(default_factory=list)       # default: [method.name]
+    train_levels: list[str] = field(default_factory=list)  # default: none + every level of the dataset
+    finetune: bool = False                    # a fine-tuning column: each cell's trunk fine-tuned at every
+                                              # test level with the job's finetune section (paper Table 6)
+
+
+@dataclass
+class TrackingConfig:
+    experiment: Optional[str] = None          # MLflow experiment; default: the job's name
+    embeddings_max_mb: float = 256.0          # log the collection's embeddings as Parquet up to this size
+    log_checkpoint: bool = True               # log the final checkpoint as an artifact
+    offline_wait_s: float = 600.0             # after training, how long to wait for an unreachable server
+
+
+@dataclass
+class Job:
+    config: Config
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    matrix: MatrixConfig = field(default_factory=MatrixConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def source(self) -> str:
+        return self.config.source or "<config>"
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.config.name
+
+
+SECTIONS = {"sweep": SweepConfig, "matrix": MatrixConfig, "tracking": TrackingConfig}
+EVAL_ONLY = ("eval.k", "eval.sigma", "eval.k_candidates", "eval.knn_backend")   # change nothing in training
+NOT_SWEPT = ("name", "data.test_levels", "data.name", "data.root", "eval.grid")
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """`--set optim.epochs=3` -> {"optim.epochs": 3} (values parsed as YAML scalars)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise GrafitError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.epochs=3")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_job(path: str, overrides: dict | None = None) -> Job:
+    """Read a job file (includes merged), apply dotted overrides, validate every section."""
+    data = read_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return job_from_dict(data, path, from_file=True)
+
+
+def job_from_dict(data: dict, source: str, from_file: bool = False) -> Job:
+    data = dict(data)
+    if "grid" in (data.get("eval") or {}) and from_file:
+        raise ConfigError(f"{source}: eval.grid: set by sweep.eval_grid")
+    parts = {name: from_dict(cls, data.pop(name, None) or {}, name, source) for name, cls in SECTIONS.items()}
+    data["eval"] = {**(data.get("eval") or {}), "grid": parts["sweep"].eval_grid}
+    cfg = config_from_file(data, source) if from_file else config_from_dict(data, source)
+    job = Job(cfg, **parts)
+    check_sweep(job)
+    return job
+
+
+def job_dict(job: Job) -> dict:
+    """The job as the one schema's plain data (MLflow params, trials): the core's keys + sections."""
+    out = to_dict(job.config)
+    out["eval"] = {k: v for k, v in out["eval"].items() if k != "grid"}
+    return {**out, **{name: dataclasses.asdict(getattr(job, name)) for name in SECTIONS}}
+
+
+def job_with(job: Job, overrides: dict) -> Job:
+    """A copy with dotted keys replaced (core keys or sections), validated like a file."""
+    data = job_dict(job)
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value)
+    return job_from_dict(data, job.source)
+
+
+def _field_exists(dotted: str) -> bool:
+    cls = Config
+    for part in dotted.split("."):
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if part not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return not dataclasses.is_dataclass(cls)
+
+
+def check_sweep(job: Job) -> None:
+    """Every swept value must make a valid config; eval-only keys belong in eval_grid."""
+    sw = job.sweep
+
+    def bad(key, msg):
+        raise ConfigError(f"{job.source}: {key}: {msg}")
+
+    def check_value(where, key, value):
+        try:
+            with_overrides(job.config, {key: value})
+        except ConfigError as err:
+            bad(where, f"value {value!r}: {str(err).split(': ', 1)[-1]}")
+
+    for key, spec in sw.space.items():
+        where = f"sweep.space.{key}"
+        if key in EVAL_ONLY:
+            bad(where, "evaluation-only (changes nothing in training): put it in sweep.eval_grid")
+        if key in NOT_SWEPT or not _field_exists(key):
+            bad(where, "not a parameter that can be swept")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            bad(where, f"expected one of {{{', '.join(k + ': ...' for k in SPACE_KINDS)}}}, got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(values, list) or not values:
+                bad(f"{where}.{kind}", "expected a non-empty list of values")
+        elif (not isinstance(values, list) or len(values) != 2
+              or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+              or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0)):
+            bad(f"{where}.{kind}", f"expected [low, high] with low < high{' and low > 0' if kind == 'loguniform' else ''}")
+        for value in values:                     # grid values, or the bounds of a distribution
+            check_value(f"{where}.{kind}", key, value)
+    for key, values in sw.eval_grid.items():
+        where = f"sweep.eval_grid.{key}"
+        if key not in EVAL_ONLY:
+            bad(where, f"only evaluation-only keys ({', '.join(EVAL_ONLY)}) go here; sweep training keys in sweep.space")
+        if not isinstance(values, list) or not values:
+            bad(where, "expected a non-empty list of values")
+        for value in values:
+            check_value(where, key, value)
+    for key, value, low in (("sweep.num_samples", sw.num_samples, 1), ("sweep.max_concurrent", sw.max_concurrent, 1),
+                            ("sweep.workers", sw.workers, 1), ("sweep.grace_period", sw.grace_period, 1)):
+        if value < low:
+            bad(key, f"must be >= {low}, got {value}")
+
+
+def matrix_sweep(job: Job, levels: list[str]) -> Job:
+    """The sweep that runs every cell of a matrix: a FIFO grid over methods x training levels."""
+    methods = job.matrix.methods or [job.config.method.name]
+    train_levels = job.matrix.train_levels or ["none", *levels]
+    space = {"method.name": {"grid": methods}, "data.train_level": {"grid": train_levels}}
+    return job_with(job, {"sweep.space": space, "sweep.scheduler": "fifo",
+                          "matrix.methods": methods, "matrix.train_levels": train_levels})

@@ -1,0 +1,228 @@
+"""The one Ray Train worker loop (Ray 2.60, Train V2) and the driver side that runs it.
+
+Every worker runs a core function unchanged, `fit` (training) or `finetune`, with its rank's
+DistContext: DDP for the networks, the memory sharded by global index range, sharded evaluation.
+Each epoch every rank reports the same (already reduced) metrics with its part of the checkpoint;
+Ray merges the parts into one checkpoint directory. A failed worker group restarts from the
+latest checkpoint (FailureConfig); rerunning with the same name resumes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+
+from grafit_core.config import Config, config_from_dict, to_dict
+from grafit_core.errors import GrafitError
+from orchestrator import journal, tracking
+from orchestrator.job import Job, job_dict
+
+
+@dataclass
+class MlflowTarget:
+    """The run the workers log into, through one journal per rank (orchestrator.journal)."""
+    uri: str
+    run_id: str
+    journal_dir: str
+    embeddings_max_mb: float = 256.0
+    logged_epochs: int = 0                    # epochs the run already holds (a resumed run)
+    flush_s: float = 20.0                     # how long a worker waits for its records at the end
+
+
+@dataclass
+class WorkerSpec:
+    """What travels to every worker."""
+    config: dict                              # grafit_core.config.to_dict
+    source: str
+    task: Literal["fit", "finetune"] = "fit"
+    threads: int = 1
+    mlflow: Optional[MlflowTarget] = None
+    on_step: Optional[Callable] = None        # on_step(epoch, step_in_epoch, rank): progress, fault injection
+
+
+def worker_loop(spec: WorkerSpec) -> dict:
+    """The function every Ray Train worker runs."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from grafit_core.data import prepare_data
+    from grafit_core.distributed import DistContext
+    from grafit_core.engine import fit
+    from grafit_core.finetune import finetune
+
+    cfg = config_from_dict(spec.config, spec.source)
+    rctx = ray.train.get_context()
+    world = rctx.get_world_size()
+    torch.set_num_threads(spec.threads)
+    # the memory's collectives get their own gloo group, apart from DDP's gradient all-reduce
+    group = dist.new_group(backend="gloo") if world > 1 and spec.task == "fit" else None
+    ctx = DistContext(rank=rctx.get_world_rank(), world_size=world, device=ray.train.torch.get_device(),
+                      group=group)
+    train, test = prepare_data(cfg.data)
+    resume_dir = None
+    if ray.train.get_checkpoint() is not None:
+        resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
+        ray.train.get_checkpoint().to_directory(resume_dir)
+    run = spec.mlflow
+    # records go through a journal and a sender thread: a tracking server that is down delays
+    # them, never a training step (the driver replays what is left)
+    log_to = journal.Journal(run.uri, run.run_id, os.path.join(run.journal_dir, f"rank{ctx.rank}.jsonl")) \
+        if run else None
+    if run:                                      # where each rank ran: node ids as run tags
+        nodes = [ray.get_runtime_context().get_node_id()] * world
+        if world > 1:
+            dist.all_gather_object(nodes, nodes[0])
+        if ctx.is_main:
+            log_to.set_tags({f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
+    # each epoch is logged once, also when this worker group restarts from an older checkpoint
+    logged = max(run.logged_epochs, log_to.epochs_logged()) if run else 0
+
+    def on_epoch(epoch, stats, save):
+        if run and ctx.is_main and epoch > logged:
+            log_to.log_metrics(stats, step=epoch, epoch=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save(tmp)
+            ray.train.report(dict(stats), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def on_step(epoch, step_in_epoch):
+        spec.on_step(epoch, step_in_epoch, ctx.rank)
+
+    core, epochs = (fit, cfg.optim.epochs) if spec.task == "fit" else (finetune, cfg.finetune.epochs)
+    try:
+        result = core(cfg, train, test, ctx, on_epoch=on_epoch, log=print if ctx.is_main else (lambda s: None),
+                      resume_from=resume_dir, on_step=on_step if spec.on_step else None)
+        skipped = getattr(result, "skipped", None)
+        if run and not skipped:
+            if ctx.is_main:
+                log_to.log_metrics(result.metrics, step=epochs)
+                log_to.log_dict({"metrics": result.metrics, "history": result.history}, "metrics.json")
+            shard = getattr(result, "embeddings", None)
+            if shard is not None:
+                start, stop = result.offset, result.offset + len(shard)
+                part = os.path.join(run.journal_dir, "staging", f"part-{start:012d}-{stop:012d}.parquet")
+                if tracking.write_embeddings(shard, result.offset, train, run.embeddings_max_mb, part):
+                    log_to.log_artifact(part, "embeddings")
+    finally:
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+        if log_to is not None:
+            log_to.close(run.flush_s)           # what is still unsent, the driver replays
+    # Ray keeps the metrics of the last *checkpointed* report; the final metrics travel as the
+    # return value of rank 0 (Result.return_value), identical on every rank anyway.
+    return {"metrics": result.metrics, "history": result.history, "skipped": skipped}
+
+
+def storage_uri(path: str) -> str:
+    """A local folder made absolute (trial actors change directory); s3://, gs://... kept as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint Ray Train wrote under storage_path/name (local folders only)."""
+    if "://" in run_dir or not os.path.isdir(run_dir):
+        return None
+    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_") and any(
+        os.path.exists(os.path.join(run_dir, d, f)) for f in ("train_state.pt", "finetune_state.pt")))
+    return os.path.join(run_dir, found[-1]) if found else None
+
+
+def check_checkpoint(cfg: Config, storage_path: str, name: str) -> None:
+    """Rerunning a name resumes its latest checkpoint: refuse here, not in the workers, when that
+    checkpoint was written by another config (errors name the keys that differ)."""
+    from grafit_core.checkpoint import saved_config
+    from grafit_core.config import check_resumable
+    latest = latest_checkpoint(os.path.join(storage_path, name))
+    saved = saved_config(latest) if latest and os.path.exists(os.path.join(latest, "train_state.pt")) else None
+    if saved is not None:
+        check_resumable(saved, to_dict(cfg), latest)
+
+
+def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """A shortfall makes Ray wait forever for a placement group: refuse it up front instead."""
+    import ray
+    have = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0) + 1e-9:
+            raise GrafitError(
+                f"--workers {workers} needs {amount:g} {kind}s ({workers} x {amount / workers:g} per worker) "
+                f"but the Ray cluster has {have.get(kind, 0):g}; lower --workers or "
+                f"--{kind.lower()}s-per-worker, or add nodes")
+
+
+def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, storage_path: str = "runs/ray", name: str | None = None,
+                 max_failures: int = 1, mlflow: MlflowTarget | None = None, callbacks: list | None = None,
+                 on_step: Callable | None = None):
+    """Run `task` for cfg on the connected Ray cluster; returns Ray's Result (metrics, checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if task == "fit":                                         # a pre-training checkpoint's config,
+        check_checkpoint(cfg, storage_path, name or cfg.name)  # before any cluster resource is taken
+    check_resources(workers, cpus_per_worker, gpus_per_worker)
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    spec = WorkerSpec(to_dict(cfg), cfg.source or "<config>", task, max(1, int(cpus_per_worker)), mlflow, on_step)
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=spec,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=storage_uri(storage_path), name=name or cfg.name,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
+    )
+    start = time.time()
+    result = trainer.fit()
+    result.wall_s = time.time() - start
+    return result
+
+
+def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, parent_run_id: str | None = None,
+                     wait_s: float | None = None, **kwargs):
+    """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error.
+    Rerunning into the same storage path and name continues its unfinished run."""
+    cfg = job.config
+    storage_key = f"{storage_uri(kwargs.get('storage_path', 'runs/ray')).rstrip('/')}/{kwargs.get('name') or cfg.name}"
+    run_id, logged = (tracking.resumable_run(uri, job.experiment, storage_key) if latest_checkpoint(storage_key)
+                      else (None, 0))
+    if run_id is None:
+        run_id = tracking.start_run(uri, job.experiment, run_name, job_dict(job),
+                                    {**tracking.provenance(fingerprint), "grafit.storage": storage_key}, parent_run_id)
+    journals = journal.local_dir(storage_key, run_id)
+    ok, checkpoint_dir = False, None
+    try:
+        target = MlflowTarget(uri, run_id, journals, job.tracking.embeddings_max_mb, logged)
+        result = run_training(cfg, mlflow=target, **kwargs)
+        ok = result.error is None
+        if ok and job.tracking.log_checkpoint and result.checkpoint is not None:
+            checkpoint_dir = result.checkpoint.path
+        result.run_id = run_id
+        return result
+    finally:
+        finish_run(uri, run_id, journals, ok, checkpoint_dir, job.tracking.offline_wait_s if wait_s is None else wait_s)
+
+
+def finish_run(uri: str, run_id: str, journals: str, ok: bool, checkpoint_dir: str | None, wait_s: float) -> bool:
+    """After training: send what the workers could not (their journals), then the checkpoint and
+    the run's end through the driver's journal, all within wait_s for a server that is away. The
+    end never overtakes the workers' records: while they wait, it waits in the file too."""
+    start = time.time()
+    workers_done = journal.replay_all(journals, wait_s, drivers=False)
+    driver = journal.Journal(uri, run_id, os.path.join(journals, journal.DRIVER), send_now=workers_done)
+    if checkpoint_dir:
+        driver.log_artifacts(checkpoint_dir, "checkpoint")
+    driver.end(ok)
+    if workers_done and driver.close(max(0.0, wait_s - (time.time() - start))):
+        return True
+    print(f"grafit: the MLflow server {uri} did not come back within {wait_s:.0f} s: run {run_id}'s remaining "
+          f"records are kept in {journals}; send them with: grafit sync {journals}", file=sys.stderr)
+    return False
