@@ -67,37 +67,40 @@ def artifacts(matrices: dict, train_levels: list[str], test_levels: list[str]):
             yield f"levels_{metric}.png", figures.level_lines(per_method, train_levels, test_levels[-1], metric)
 
 
+def save(item, path: str) -> str:
+    """CSV text or a figure to path, atomically (a killed writer never leaves half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(item, str):
+        with open(tmp, "w") as f:
+            f.write(item)
+    else:
+        item.savefig(tmp, format="png", dpi=120)
+        figures.plt.close(item)
+    os.replace(tmp, path)
+    return path
+
+
+def log_item(log: Journal, item, name: str) -> None:
+    """Save beside the parent's journal and send it: CSVs under matrices/, figures under figures/."""
+    folder = "matrices" if name.endswith(".csv") else "figures"
+    log.log_artifact(save(item, os.path.join(os.path.dirname(log.path), folder, name)), folder)
+
+
 def log_matrices(log: Journal, matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
-    """Everything the parent run shows (metrics, JSON, CSVs, heatmaps, Fig. 3 lines), written beside
-    its journal and sent through it."""
+    """Everything the parent run shows: metrics, JSON, CSVs, heatmaps, Fig. 3 lines."""
     log.log_metrics(flat_metrics(matrices), step=0)
     log.log_dict({"train_levels": train_levels, "test_levels": test_levels, "matrices": matrices},
                  "matrices/matrices.json")
     for name, item in artifacts(matrices, train_levels, test_levels):
-        if isinstance(item, str):
-            log_file(log, name, "matrices", lambda path, text=item: write_text(path, text))
-        else:
-            log_figure(log, item, name)
+        log_item(log, item, name)
 
 
-def log_file(log: Journal, name: str, dest: str, write) -> None:
-    """write(path) a file beside the journal (atomically), then send it as an artifact under dest."""
-    path = os.path.join(os.path.dirname(log.path), dest, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-    log.log_artifact(path, dest)
-
-
-def write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def log_figure(log: Journal, fig, name: str) -> None:
-    log_file(log, name, "figures", lambda path: fig.savefig(path, format="png"))
-    figures.plt.close(fig)
+def print_matrices(matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
+    for metric, per_method in matrices.items():
+        for method, rows in per_method.items():
+            print(f"\n== {metric} (%) of {method}: rows = training level, columns = test level ==")
+            print(format_matrix(rows, train_levels, test_levels))
 
 
 def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -> str:
@@ -112,7 +115,7 @@ def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -
 
 
 def example_figures(log: Journal, grid, train, query, train_levels: list[str], test_levels: list[str],
-                    n_queries: int = 4, max_collection: int = 200_000) -> list[str]:
+                    n_queries: int = 4, max_collection: int = 200_000) -> None:
     """Fig. 1 (queries with their top-10 for the CE baseline and for Grafit, correct ones green) and
     Fig. 4 (t-SNE of one coarse class coloured by fine class), from the cells trained at the
     coarsest supervised level. Runs on the driver from the cells' checkpoints."""
@@ -129,18 +132,18 @@ def example_figures(log: Journal, grid, train, query, train_levels: list[str], t
              if r.error is None and r.metrics and r.metrics.get("trained") and r.config["data.train_level"] == level}
     ours = next((m for m in ckpts if m != "ce"), None)
     if level is None or "ce" not in ckpts or ours is None or len(train) > max_collection:
-        return []
+        return
     fine = test_levels[-1]
     fine_train, fine_query = train.labels_at(fine), query.labels_at(fine)
     picks = [int(i) for i in np.linspace(0, len(query) - 1, n_queries)]
-    rows, written = [], []
+    rows = []
     for name in ("ce", ours):
         cfg, method, meta = load_trained(ckpts[name])
         tf = build_transform(cfg.data.augment, cfg.data.image_size, meta["in_channels"], train=False)
         bank, _ = embed(method, train, cfg, DistContext(), tf)
         zq, _ = embed(method, query, cfg, DistContext(), tf, rows=picks)
         for q, z in zip(picks, zq):
-            top = torch.topk(bank @ z, 10).indices.tolist()
+            top = torch.sort(bank @ z, descending=True, stable=True).indices[:10].tolist()   # ties: lower row
             rows.append({"label": f"{name}\n{train.hierarchy.classes[fine][fine_query[q]]}",
                          "query": query.image(q), "results": [train.image(i) for i in top],
                          "correct": [bool(fine_train[i] == fine_query[q]) for i in top]})
@@ -148,11 +151,9 @@ def example_figures(log: Journal, grid, train, query, train_levels: list[str], t
             members = np.nonzero(train.labels_at(level) == 0)[0]
             fig = figures.tsne_map(bank[members].numpy(), fine_train[members].tolist(), train.hierarchy.classes[fine],
                                    f"{ours} trained on {level}: {train.hierarchy.classes[level][0]} by {fine}")
-            log_figure(log, fig, "tsne.png")
-            written.append("figures/tsne.png")
+            log_item(log, fig, "tsne.png")
     rows = [r for pair in zip(rows[:n_queries], rows[n_queries:]) for r in pair]   # baseline above ours
-    log_figure(log, figures.retrieval_grid(rows), "retrieval_grid.png")
-    return written + ["figures/retrieval_grid.png"]
+    log_item(log, figures.retrieval_grid(rows), "retrieval_grid.png")
 
 
 def cmd_matrix(args) -> int:
@@ -172,10 +173,7 @@ def cmd_matrix(args) -> int:
         example_figures(log, grid, prep.train, prep.query, train_levels, levels)
 
     grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures, after=after)
-    for metric in METRICS:
-        for method, rows in matrices.get(metric, {}).items():
-            print(f"\n== {metric} (%) of {method}: rows = training level, columns = test level ==")
-            print(format_matrix(rows, train_levels, levels))
+    print_matrices(matrices, train_levels, levels)
     print(f"\nMLflow parent run {parent} (matrices, heatmaps, one child run per cell) in {tracking.tracking_uri()}")
     print("open it with: .venv/bin/grafit ui   (then http://127.0.0.1:5000)")
     return 0 if grid.num_errors == 0 else 1

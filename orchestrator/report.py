@@ -9,7 +9,7 @@ import json
 import os
 
 from grafit_core.errors import GrafitError
-from orchestrator import figures, matrix, tracking
+from orchestrator import matrix, tracking
 
 
 def resolve_run(uri: str, ref: str):
@@ -53,19 +53,9 @@ def report(uri: str, ref: str, out_dir: str) -> list[str]:
 def _matrix_report(c, rid: str, out_dir: str) -> list[str]:
     data = json.load(open(c.download_artifacts(rid, "matrices/matrices.json", out_dir)))
     train_levels, test_levels, matrices = data["train_levels"], data["test_levels"], data["matrices"]
-    for metric, per_method in matrices.items():
-        for method, rows in per_method.items():
-            print(f"\n== {metric} (%) of {method}: rows = training level, columns = test level ==")
-            print(matrix.format_matrix(rows, train_levels, test_levels))
-    written = []
-    for name, item in matrix.artifacts(matrices, train_levels, test_levels):
-        written.append(os.path.join(out_dir, name))
-        if isinstance(item, str):
-            with open(written[-1], "w") as f:
-                f.write(item)
-        else:
-            item.savefig(written[-1], dpi=120)
-            figures.plt.close(item)
+    matrix.print_matrices(matrices, train_levels, test_levels)
+    written = [matrix.save(item, os.path.join(out_dir, name))
+               for name, item in matrix.artifacts(matrices, train_levels, test_levels)]
     print(f"\nfigures and CSVs written to {out_dir}")
     return written
 
