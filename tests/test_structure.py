@@ -73,6 +73,20 @@ def test_no_import_circle_in_either_package():
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
 
 
+# orchestrator/, bottom to top, as the README's code layout lists it
+LAYERS = ["job", "tracking", "journal", "figures", "workers", "prepare", "train", "sweep", "matrix", "submit",
+          "search", "report", "tools", "cli"]
+
+
+def test_orchestrator_modules_import_only_the_layers_below_them():
+    edges = graph()
+    assert sorted(LAYERS) == sorted(m.split(".")[1] for m in edges if m.startswith("orchestrator."))
+    for name in LAYERS:
+        below = {f"orchestrator.{m}" for m in LAYERS[:LAYERS.index(name)]}
+        above = {m for m in edges[f"orchestrator.{name}"] if m.startswith("orchestrator.")} - below
+        assert not above, f"orchestrator.{name} imports {sorted(above)}, above it"
+
+
 def test_arrows_go_one_way_and_the_core_knows_neither_ray_nor_mlflow():
     mods = modules()
     for name, tree in mods.items():
