@@ -3,14 +3,16 @@ category-level retrieval mAP, as sklearn's average_precision_score, ties include
 
 Per query, AP needs, for each of its R relevant items, #relevant and #items scoring at or above
 it. The relevant scores are gathered through a label index (O(R), never a Q x N mask), sorted
-into thresholds, and every item is counted against them in O(1) per item: in one compiled loop
-on CPU (grafit_core/ap_kernel.c), else with torch operations (`count_at_or_above_torch`, the
-reference). With a ctx (grafit_core.distributed) the items are one shard of the collection: the
+into thresholds, and every item is counted against them in O(1) per item: O(N + R log R) per
+query. On CPU the gather, the count and the AP are compiled loops (grafit_core/ap_kernel.c),
+else torch operations (`count_at_or_above_torch`, `_ap_from_counts`: the reference, the same
+bits). With a ctx (grafit_core.distributed) the items are one shard of the collection: the
 thresholds and the counts are summed over shards. That exchange is O(q x R) per chunk of q
 queries, and so are the thresholds and counts each worker holds: the lower bound for exact AP
 over a sharded collection (every relevant score must meet every shard's items), O(N) for a query
 at a coarse level (R ~ N / C). Rows are therefore taken in groups whose q x R buffers stay within
-a quarter of CHUNK_BYTES, the budget that also bounds the q x N/W scores.
+a quarter of CHUNK_BYTES, the budget that also bounds the q x N/W scores; a group's buffers are
+as wide as its own largest R, not the chunk's.
 """
 import math
 
@@ -22,7 +24,8 @@ from grafit_core import ap_kernel
 # Per chunk of queries, everything the pass allocates beside the (normalised) embeddings: half for
 # the q x N/W scores (metrics.pass_rows), a quarter for the AP's q x R buffers, the rest slack.
 CHUNK_BYTES = 128 << 20
-PAIR_BYTES = 128          # peak per (query, relevant item): threshold, count, indices, float64 precisions
+PAIR_BYTES = 128          # peak per (query, relevant item), torch: threshold, count, indices, float64 precisions
+FUSED_PAIR_BYTES = 40     # compiled: threshold, its sorted copy, count (twice where summed over shards)
 
 
 class LabelIndex:
@@ -47,6 +50,12 @@ class LabelIndex:
         known = (ql >= 0) & (ql < len(self.size))
         return torch.where(known, self.size[torch.where(known, ql, 0)], 0) if len(self.size) else torch.zeros_like(ql)
 
+    def slices(self, query_labels):
+        """(start, size): each query's relevant rows are order[start : start + size]."""
+        sizes = self.counts(query_labels)
+        ql = torch.where(sizes > 0, query_labels.long(), 0)     # a label without rows is never looked up
+        return (self.start[ql] if len(self.start) else torch.zeros_like(ql)), sizes
+
     def pairs(self, query_labels):
         """(rows, cols): every (query, collection row) with the same label, rows ascending."""
         ql, sizes = query_labels.long(), self.counts(query_labels)
@@ -66,8 +75,9 @@ def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budg
 
     With ctx (world_size > 1) each rank holds a shard: rank r writes its relevant scores after
     those of ranks < r into zeros and one all-reduce gives every threshold exactly once
-    (x + 0 == x); the counts at or above are summed the same way. Rows go in groups of at most
-    budget / (PAIR_BYTES x R_max) (the same groups on every rank: R is summed over shards first).
+    (x + 0 == x); the counts at or above are summed the same way. Rows go in groups of
+    consecutive rows whose buffers, rows x (the group's largest R) pairs of PAIR_BYTES each, fit the
+    budget (the same groups on every rank: R is summed over shards first).
     """
     ws, fused = ws or Workspace(), ap_kernel.usable(scores)
     if shift is not None and not fused:     # the torch path needs the ranked scores themselves
@@ -79,28 +89,34 @@ def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budg
     sharded = ctx is not None and ctx.distributed
     counts = ctx.all_gather_cat(n_local[None]) if sharded else n_local[None]     # (W, q) per shard
     n_rel, col_start = counts.sum(dim=0), counts[:ctx.rank if sharded else 0].sum(dim=0)
-    r_max = int(n_rel.max()) if scores.shape[0] else 0
-    step = max(1, budget // (PAIR_BYTES * max(r_max, 1)))
-    return torch.cat([_group_ap(scores[a:a + step], query_labels[a:a + step], index, n_rel[a:a + step],
-                                col_start[a:a + step], ctx if sharded else None, ws, fused,
-                                None if shift is None else (shift[0][a:a + step], shift[1]))
-                      for a in range(0, scores.shape[0], step)] or [torch.empty(0, dtype=torch.float64)])
+    groups = _row_groups(n_rel.tolist(), budget // (FUSED_PAIR_BYTES if fused else PAIR_BYTES))
+    return torch.cat([_group_ap(scores[a:b], query_labels[a:b], index, n_rel[a:b], col_start[a:b],
+                                ctx if sharded else None, ws, fused, None if shift is None else (shift[0][a:b], shift[1]))
+                      for a, b in groups] or [torch.empty(0, dtype=torch.float64)])
+
+
+def _row_groups(n_rel, pairs):
+    """[(a, b)]: consecutive rows, as many per group as keep rows x (their largest R) <= pairs (at
+    least one row): sized on each group's own R, a query of a large class does not shrink all."""
+    groups, a, widest = [], 0, 0
+    for i, r in enumerate(n_rel):
+        if i > a and (i + 1 - a) * max(widest, r) > pairs:
+            groups.append((a, i))
+            a, widest = i, 0
+        widest = max(widest, r)
+    return groups + ([(a, len(n_rel))] if n_rel else [])
 
 
 def _group_ap(scores, query_labels, index, n_rel, col_start, ctx, ws, fused, shift):
     r_max = int(n_rel.max())
     if r_max == 0:           # the same n_rel on every rank: all skip the remaining collectives
         return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
-    rows, cols = index.pairs(query_labels)
-    n_local = torch.bincount(rows, minlength=scores.shape[0])
-    first = torch.cumsum(n_local, 0) - n_local
-    pos = torch.arange(rows.numel(), device=rows.device) - first[rows] + col_start[rows]
-    values = torch.take(scores, rows * scores.shape[1] + cols)     # row-major logical index
-    if shift is not None:                   # the same float32 add as the loop's
-        values = values + shift[0][rows, shift[1][cols]]
-    # flat 1-D writes: 2x faster than thr[rows, pos] = ...; unsharded, the pads are +inf already
-    thr = scores.new_full((scores.shape[0], r_max), 0.0 if ctx else float("inf"))
-    thr.view(-1).index_copy_(0, rows * r_max + pos, values)
+    # unsharded, the pads are +inf already; sharded, each rank's zeros add up to the others' scores
+    pad = 0.0 if ctx else float("inf")
+    if fused:
+        thr = ap_kernel.gather(scores, index.order, *index.slices(query_labels), col_start, r_max, pad, shift)
+    else:
+        thr = _gather_torch(scores, query_labels, index, col_start, r_max, pad, shift)
     if ctx:
         thr = ctx.all_reduce_sum(thr)
         pads = torch.arange(r_max, device=thr.device)[None] >= n_rel[:, None]
@@ -109,7 +125,23 @@ def _group_ap(scores, query_labels, index, n_rel, col_start, ctx, ws, fused, shi
     n_ge = ap_kernel.count_at_or_above(thr, scores, shift) if fused else count_at_or_above_torch(thr, scores, ws)
     if ctx:
         n_ge = ctx.all_reduce_sum(n_ge)
-    return _ap_from_counts(thr, n_rel, n_ge)
+    return ap_kernel.average_precision(thr, n_rel, n_ge) if fused else _ap_from_counts(thr, n_rel, n_ge)
+
+
+def _gather_torch(scores, query_labels, index, col_start, r_max, pad, shift):
+    """ap_kernel.gather with torch operations: (q, r_max) pad, each row's relevant scores from
+    column col_start."""
+    rows, cols = index.pairs(query_labels)
+    n_local = torch.bincount(rows, minlength=scores.shape[0])
+    first = torch.cumsum(n_local, 0) - n_local
+    pos = torch.arange(rows.numel(), device=rows.device) - first[rows] + col_start[rows]
+    values = torch.take(scores, rows * scores.shape[1] + cols)     # row-major logical index
+    if shift is not None:                   # the same float32 add as the loop's
+        values = values + shift[0][rows, shift[1][cols]]
+    # flat 1-D writes: 2x faster than thr[rows, pos] = ...
+    thr = scores.new_full((scores.shape[0], r_max), pad)
+    thr.view(-1).index_copy_(0, rows * r_max + pos, values)
+    return thr
 
 
 def _sorted_rows(x):
@@ -224,5 +256,8 @@ def _ap_from_counts(thr, n_rel, n_ge):
     valid = torch.arange(r_max, device=thr.device).unsqueeze(0) < n_rel.unsqueeze(1)
     prec = torch.where(valid, rel_ge.double() / n_ge.clamp(min=1).double(), 0.0)
     has_rel = n_rel > 0
-    ap[has_rel.cpu()] = (prec.sum(1)[has_rel] / n_rel[has_rel].double()).cpu()
+    # summed in threshold order (a CPU cumsum is sequential), as the compiled loop: the same bits,
+    # whatever the row's group or width
+    total = prec.cumsum(1)[:, -1] if r_max else prec.sum(1)
+    ap[has_rel.cpu()] = (total[has_rel] / n_rel[has_rel].double()).cpu()
     return ap

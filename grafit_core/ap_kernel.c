@@ -1,30 +1,31 @@
-/* Exact "#items at or above each threshold" per query row, in one fused pass over the scores.
+/* Exact average precision per query row, the compiled half of grafit_core/ap.py (whose torch
+ * path is the reference): gather each row's relevant scores, count the items at or above each of
+ * them in one fused pass over the scores, and AP from those counts. Built and loaded by
+ * grafit_core/ap_kernel.py (plain C, no Python or torch headers). Every function takes a range of
+ * rows [row0, row1): Python runs one range per thread.
  *
- * The torch path of grafit_core/ap.py (_count_at_or_above) is the reference; this loop computes
- * the same counts without the 6-8 full passes over the q x N scores that torch operations need.
- * Built and loaded by grafit_core/ap_kernel.py (plain C, no Python or torch headers).
- *
- * Per row i, thr[i, :] holds the row's relevant scores sorted ascending, +inf/NaN pads last.
- * An item's score s (plus, for eq. 5's conditioned ranking, logits[i, coarse[item]], the same
- * float32 add as torch) gets slot = #thresholds <= s; n_ge[i, j] = #items with slot > j.
- * Thresholds in [t_first, t_last] are cut into uniform bins with the same float ops for items
- * and thresholds, so the bin order never contradicts the score order: an item starts from the
- * number of thresholds in lower bins and compares only those sharing its bin. NaN items count
- * nowhere; an item below every finite threshold needs one comparison. */
+ * Counting: per row i, thr[i, :] holds the row's relevant scores sorted ascending, +inf/NaN pads
+ * last. An item's score s (plus, for eq. 5's conditioned ranking, logits[i, coarse[item]], the
+ * same float32 add as torch) gets slot = #thresholds <= s; n_ge[i, j] = #items with slot > j.
+ * Thresholds in [t_first, t_last] are cut into BIN_RATIO bins per threshold with the same float
+ * ops for items and thresholds, so the bin order never contradicts the score order: an item starts
+ * from the number of thresholds in lower bins and compares those of its bin, SCAN at once without
+ * a branch (thresholds of higher bins past them are above the item, so comparing them is harmless);
+ * only a bin holding more (ties, a dense spot) is searched. NaN items count nowhere; a block of
+ * items below every threshold is skipped whole. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <float.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define BLOCK 16
 #define PROBE 32
-
-static int64_t next_pow2(int64_t x) {
-    int64_t p = 1;
-    while (p < x) p <<= 1;
-    return p;
-}
+#define SCAN 4          /* one SSE compare; a bin holds more than 4 for ~0.5% of the items */
+#define BIN_RATIO 4     /* fewer bins crowd them, more cost a table build that rivals the items */
 
 /* the bin of x in [lo, hi] (NaN -> lo's): the same float ops for items and thresholds */
 static inline int32_t bin_of(float x, float lo, float hi, float inv, int32_t bins) {
@@ -34,30 +35,79 @@ static inline int32_t bin_of(float x, float lo, float hi, float inv, int32_t bin
     return f < (float)bins ? (int32_t)f : bins - 1;      /* never casts NaN, inf or >= bins */
 }
 
-/* #thresholds <= x (a NaN x is counted nowhere by the caller), from the bin table; no
-   unpredictable branch for the common item (0 or 1 threshold in its bin) */
-static inline int64_t slot_of(float x, int32_t b, const int32_t *below, const float *tt) {
-    const float w = x < FLT_MAX ? x : FLT_MAX;  /* +inf: above every finite threshold */
-    int64_t slot = below[b], end = below[b + 1];                  /* the thresholds of bin b */
-    if (end - slot <= 1)
-        return slot + (tt[slot] <= w);          /* tt[slot] of an empty bin is in a higher one: > w */
-    while (slot < end) {                        /* ties or a crowded bin: binary search in it */
-        const int64_t mid = (slot + end) / 2;
-        if (tt[mid] <= w) slot = mid + 1; else end = mid;
-    }
-    return slot;
+/* #thresholds of tt[e .. e + SCAN) <= x (NaN pads past the last threshold never are) */
+static inline int32_t scan_le(const float *tt, int32_t e, float x) {
+#if defined(__SSE2__)
+    static const int8_t bits[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+    return bits[_mm_movemask_ps(_mm_cmple_ps(_mm_loadu_ps(tt + e), _mm_set1_ps(x)))];
+#else
+    int32_t c = 0;
+    for (int u = 0; u < SCAN; u++) c += tt[e + u] <= x;
+    return c;
+#endif
 }
 
-int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
+/* per bin b: #thresholds in lower bins (below[b], a the -inf ones first), and the item's start
+   table[b] = below[b], or ~below[b] where the bin holds more than SCAN thresholds (searched) */
+static void bin_tables(const float *t, int64_t a, int64_t m, float lo, float hi, float inv, int32_t bins,
+                       int32_t *below, int32_t *table) {
+    memset(below, 0, (size_t)(bins + 1) * sizeof(int32_t));
+    for (int64_t j = a; j < m; j++) below[bin_of(t[j], lo, hi, inv, bins) + 1]++;
+    below[0] = (int32_t)a;
+    for (int32_t b = 1; b <= bins; b++) below[b] += below[b - 1];
+    for (int32_t b = 0; b < bins; b++) table[b] = below[b + 1] - below[b] > SCAN ? ~below[b] : below[b];
+}
+
+/* hist[slot] += 1 for each non-NaN item of row s (+ lg[coarse]) at or above lo */
+static void count_row(const float *s, int64_t n, const float *lg, const int64_t *coarse, int64_t a,
+                      float lo, float hi, float inv, int32_t bins, const int32_t *below, const int32_t *table,
+                      const float *tt, int32_t *hist) {
+    int64_t skipped = 0;
+    for (int64_t k0 = 0; k0 < n; k0 += BLOCK) {
+        const int64_t len = n - k0 < BLOCK ? n - k0 : BLOCK;
+        /* after PROBE blocks, a row where fewer than 1 in 4 were skipped drops the test */
+        const int probe = k0 < PROBE * BLOCK || 4 * skipped >= PROBE;
+        float buf[BLOCK], top = -INFINITY;
+        int32_t bin[BLOCK];
+        const float *v = s + k0;
+        if (lg || len < BLOCK) {                /* the last block: pad, never read past */
+            for (int64_t j = 0; j < len; j++) buf[j] = lg ? s[k0 + j] + lg[coarse[k0 + j]] : s[k0 + j];
+            for (int64_t j = len; j < BLOCK; j++) buf[j] = -INFINITY;
+            v = buf;
+        }
+        if (probe) {    /* conditioned ranking pushes most items of other coarse classes below lo */
+            for (int64_t j = 0; j < len; j++) top = v[j] > top ? v[j] : top;
+            if (!(top >= lo) && a == 0) { skipped++; continue; }
+        }
+        for (int j = 0; j < BLOCK; j++) bin[j] = bin_of(v[j], lo, hi, inv, bins);     /* SIMD */
+        for (int64_t j = 0; j < len; j++) {
+            const float x = v[j];
+            int32_t e = table[bin[j]];
+            if (e >= 0) {
+                e += scan_le(tt, e, x);
+            } else {                            /* a crowded bin: binary search in it */
+                int32_t end = below[bin[j] + 1];
+                e = ~e;
+                while (e < end) {
+                    const int32_t mid = e + (end - e) / 2;
+                    if (tt[mid] <= x) e = mid + 1; else end = mid;
+                }
+            }
+            hist[e] += x == x;
+        }
+    }
+}
+
+int grafit_count_ge(int64_t row0, int64_t row1, const float *scores, int64_t n, int64_t stride,
                     const float *thr, int64_t r_max, const float *logits, int64_t n_coarse,
                     const int64_t *coarse, int64_t *n_ge) {
-    int64_t *hist = malloc((size_t)(r_max + 1) * sizeof(int64_t));
-    int64_t *hist4 = malloc((size_t)(r_max + 1) * 4 * sizeof(int64_t));
-    float *tt = malloc((size_t)(r_max + 1) * sizeof(float));
+    if (n >= INT32_MAX || r_max >= INT32_MAX / BIN_RATIO) return 3;
+    int32_t *hist = malloc((size_t)(r_max + 1) * sizeof(int32_t));
+    float *tt = malloc((size_t)(r_max + SCAN) * sizeof(float));
+    int32_t *below = NULL, *table = NULL;
     int64_t cap = 0;
-    int32_t *below = NULL;
-    if (!hist || !hist4 || !tt) { free(hist); free(hist4); free(tt); return 1; }
-    for (int64_t i = row0; i < row1; i++) {
+    int code = !hist || !tt;
+    for (int64_t i = row0; i < row1 && !code; i++) {
         const float *t = thr + i * r_max, *s = scores + i * stride;
         const float *lg = logits ? logits + i * n_coarse : NULL;
         int64_t *out = n_ge + i * r_max;
@@ -65,60 +115,33 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
         while (a < r_max && t[a] == -INFINITY) a++;                  /* <= every non-NaN item */
         m = a;
         while (m < r_max && t[m] < INFINITY) m++;                    /* then the finite ones */
-        memset(hist, 0, (size_t)(r_max + 1) * sizeof(int64_t));
-        memset(hist4, 0, (size_t)(r_max + 1) * 4 * sizeof(int64_t));
+        memset(hist, 0, (size_t)(r_max + 1) * sizeof(int32_t));
         if (m > a) {
             const float lo = t[a], hi = t[m - 1];
-            int64_t bins = next_pow2(16 * (m - a));
-            if (bins > n / 8) bins = next_pow2(n / 8 > 16 ? n / 8 : 16);
+            /* at most 2 bins per item: a shard's row shorter than the (global) thresholds */
+            int64_t bins = BIN_RATIO * (m - a);
+            bins = bins < 2 * n ? bins : 2 * n;
+            bins = bins > 16 ? bins : 16;
             float inv = hi > lo ? (float)bins / (hi - lo) : 0.0f;
             if (!(inv < FLT_MAX)) inv = 0.0f;  /* a subnormal range: one bin, searched */
             if (bins + 1 > cap) {
                 free(below);
+                free(table);
                 cap = bins + 1;
                 below = malloc((size_t)cap * sizeof(int32_t));
-                if (!below) { free(hist); free(hist4); free(tt); return 1; }
+                table = malloc((size_t)cap * sizeof(int32_t));
+                if (!below || !table) { code = 1; break; }
             }
-            memset(below, 0, (size_t)(bins + 1) * sizeof(int32_t));
-            for (int64_t j = a; j < m; j++)                          /* per bin: #thresholds */
-                below[bin_of(t[j], lo, hi, inv, bins) + 1]++;
-            below[0] = (int32_t)a;
-            for (int64_t b = 1; b <= bins; b++) below[b] += below[b - 1];   /* #in lower bins */
+            bin_tables(t, a, m, lo, hi, inv, (int32_t)bins, below, table);
             memcpy(tt, t, (size_t)m * sizeof(float));
-            tt[m] = INFINITY;                       /* sentinel: every scan stops at m */
-            /* 4 histograms break the chain of dependent increments of one count */
-            /* a block of items wholly below the smallest threshold counts nowhere (with no -inf
-               threshold): conditioned ranking pushes most items of other coarse classes there.
-               After PROBE blocks, a row where fewer than 1 in 4 were skipped drops the test.
-               Bins are computed for a whole block first: that loop vectorises. */
-            int64_t skipped = 0;
-            for (int64_t k0 = 0; k0 < n; k0 += BLOCK) {
-                const int64_t len = n - k0 < BLOCK ? n - k0 : BLOCK;
-                const int probe = k0 < PROBE * BLOCK || 4 * skipped >= PROBE;
-                float buf[BLOCK], top = -INFINITY;
-                int32_t bin[BLOCK];
-                const float *v = s + k0;
-                if (lg || len < BLOCK) {                /* the last block: pad, never read past */
-                    for (int64_t j = 0; j < len; j++) buf[j] = lg ? s[k0 + j] + lg[coarse[k0 + j]] : s[k0 + j];
-                    for (int64_t j = len; j < BLOCK; j++) buf[j] = -INFINITY;
-                    v = buf;
-                }
-                if (probe) {
-                    for (int64_t j = 0; j < len; j++) top = v[j] > top ? v[j] : top;
-                    if (!(top >= lo) && a == 0) { skipped++; continue; }
-                }
-                for (int j = 0; j < BLOCK; j++) bin[j] = bin_of(v[j], lo, hi, inv, (int32_t)bins);  /* SIMD */
-                for (int64_t j = 0; j < len; j++)
-                    hist4[4 * slot_of(v[j], bin[j], below, tt) + (j & 3)] += v[j] == v[j];
-            }
+            for (int u = 0; u < SCAN; u++) tt[m + u] = NAN;          /* past the last: never <= */
+            count_row(s, n, lg, coarse, a, lo, hi, inv, (int32_t)bins, below, table, tt, hist);
         } else if (a) {
             for (int64_t k = 0; k < n; k++) {
                 const float v = lg ? s[k] + lg[coarse[k]] : s[k];
-                if (v == v) hist[a]++;
+                hist[a] += v == v;
             }
         }
-        for (int64_t j = 0; j <= m; j++)
-            hist[j] += hist4[4 * j] + hist4[4 * j + 1] + hist4[4 * j + 2] + hist4[4 * j + 3];
         int64_t acc = 0;                            /* n_ge[j] = #items with slot > j */
         for (int64_t j = r_max - 1; j >= 0; j--) {
             acc += hist[j + 1];
@@ -126,9 +149,51 @@ int grafit_count_ge(const float *scores, int64_t n, int64_t stride, int64_t row0
         }
     }
     free(below);
+    free(table);
     free(hist);
-    free(hist4);
     free(tt);
+    return code;
+}
+
+/* thr[i] = pad, then row i's relevant scores s[order[start[i] + j]] (+ lg[coarse[.]], the counting
+   loop's float add) for j < size[i] from column pos0[i] (its shard's place among all shards' ones),
+   then pad: the thresholds before the sort (and, sharded, before the sum over shards) */
+int grafit_gather(int64_t row0, int64_t row1, const float *scores, int64_t stride, const int64_t *order,
+                  const int64_t *start, const int64_t *size, const int64_t *pos0, const float *logits,
+                  int64_t n_coarse, const int64_t *coarse, float pad, float *thr, int64_t r_max) {
+    for (int64_t i = row0; i < row1; i++) {
+        const float *s = scores + i * stride, *lg = logits ? logits + i * n_coarse : NULL;
+        const int64_t *cols = order + start[i];
+        float *t = thr + i * r_max;
+        for (int64_t j = 0; j < pos0[i]; j++) t[j] = pad;
+        t += pos0[i];
+        if (lg)
+            for (int64_t j = 0; j < size[i]; j++) t[j] = s[cols[j]] + lg[coarse[cols[j]]];
+        else
+            for (int64_t j = 0; j < size[i]; j++) t[j] = s[cols[j]];
+        for (int64_t j = pos0[i] + size[i]; j < r_max; j++) thr[i * r_max + j] = pad;
+    }
+    return 0;
+}
+
+/* ap[i] = 1/R sum_{j < R} #relevant >= thr[i, j] / #items >= thr[i, j] (n_ge, at least 1), summed
+   in float64 in threshold order (the torch path's sequential cumsum: the same bits); NaN if R = 0.
+   #relevant >= thr[j] = R - (first position of thr[j]'s value): the sorted row's ties, as
+   torch.searchsorted(left), which puts a NaN value past the row (r_max). */
+int grafit_ap(int64_t row0, int64_t row1, const float *thr, int64_t r_max, const int64_t *n_rel,
+              const int64_t *n_ge, double *ap) {
+    for (int64_t i = row0; i < row1; i++) {
+        const float *t = thr + i * r_max;
+        const int64_t *c = n_ge + i * r_max, r = n_rel[i];
+        double sum = 0.0;
+        int64_t first = 0;
+        for (int64_t j = 0; j < r; j++) {
+            if (j == 0 || !(t[j] == t[j - 1])) first = j;
+            const int64_t at = t[j] == t[j] ? first : r_max;
+            sum += (double)(r - at) / (double)(c[j] > 1 ? c[j] : 1);
+        }
+        ap[i] = r > 0 ? sum / (double)r : NAN;
+    }
     return 0;
 }
 
@@ -158,8 +223,8 @@ static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix
 }
 
 /* torch.topk(scores[row0:row1], k, dim=1), ties by lower index (see topk_row) */
-int grafit_topk(const float *scores, int64_t n, int64_t stride, int64_t row0, int64_t row1,
-                int64_t k, float *vals, int64_t *idx) {
+int grafit_topk(int64_t row0, int64_t row1, const float *scores, int64_t n, int64_t stride, int64_t k,
+                float *vals, int64_t *idx) {
     if (k < 1 || k > n) return 2;
     for (int64_t i = row0; i < row1; i++)
         topk_row(scores + i * stride, n, k, vals + i * k, idx + i * k);

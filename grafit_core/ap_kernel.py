@@ -1,9 +1,12 @@
-"""The fused CPU counting loop of exact AP (ap_kernel.c), compiled on first use, with the torch
-path of grafit_core.ap as the fallback and the reference.
+"""The compiled half of exact AP (ap_kernel.c): gather the relevant scores, count the items at or
+above each in one fused pass, AP from the counts; and the kNN's top-k. Compiled on first use,
+with the torch path of grafit_core.ap as the fallback and the reference (the same bits).
 
 Why C: the count costs O(1) per item, but each torch operation is a full pass over the q x N
 scores, and the torch path needs 6-8 of them per (level, ranking); one loop does it in a pass
-(issue 7's budget: a level costs less than the matrix product itself).
+(issue 7's budget: a level costs less than the matrix product itself). At a coarse level the
+q x R work around it (R ~ N / C relevant items per query) weighs as much: torch's index
+arithmetic, searchsorted and float64 temporaries cost 3x the count there (issue 14).
 
 The library is built with the system C compiler ($CC, else cc) into ~/.cache/grafit (or
 $GRAFIT_CACHE), keyed by the source's hash, written atomically (Ray workers may build at once).
@@ -48,9 +51,13 @@ def _build():
                 os.unlink(tmp)
     dll = ctypes.CDLL(lib)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    dll.grafit_count_ge.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
-    dll.grafit_topk.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
-    dll.grafit_count_ge.restype = dll.grafit_topk.restype = ctypes.c_int
+    # every function starts with its row range [row0, row1): _split_rows gives one per thread
+    dll.grafit_count_ge.argtypes = [i64, i64, ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
+    dll.grafit_gather.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_float, ptr, i64]
+    dll.grafit_ap.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr]
+    dll.grafit_topk.argtypes = [i64, i64, ptr, i64, i64, i64, ptr, ptr]
+    for fn in (dll.grafit_count_ge, dll.grafit_gather, dll.grafit_ap, dll.grafit_topk):
+        fn.restype = ctypes.c_int
     return dll
 
 
@@ -84,20 +91,35 @@ def _pool(threads):
 
 
 def _split_rows(fn, q, *args):
-    """fn(*args[:3], row0, row1, *args[3:]) over row ranges, one per torch thread; ctypes
-    releases the GIL during each call, so the ranges run in parallel."""
+    """fn(row0, row1, *args) over row ranges, one per torch thread; ctypes releases the GIL
+    during each call, so the ranges run in parallel."""
     pool_size = max(1, torch.get_num_threads())
     threads = min(pool_size, max(q, 1))
     bounds = [q * t // threads for t in range(threads + 1)]
-    calls = [(*args[:3], bounds[t], bounds[t + 1], *args[3:]) for t in range(threads) if bounds[t] < bounds[t + 1]]
+    calls = [(bounds[t], bounds[t + 1], *args) for t in range(threads) if bounds[t] < bounds[t + 1]]
     codes = list(_pool(pool_size).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
     if any(codes):
-        why = {1: "out of memory", 2: "k larger than the row"}.get(max(codes), "unknown")
+        why = {1: "out of memory", 2: "k larger than the row", 3: "a row too long"}.get(max(codes), "unknown")
         raise RuntimeError(f"grafit AP kernel: {fn.__name__} failed: {why}")
 
 
 def _rows(scores):
     return scores if scores.stride(1) == 1 else scores.contiguous()
+
+
+def _shift_args(shift, scores):
+    """(logits pointer, C, coarse pointer, kept tensors) of eq. 5's shift, checked: C reads
+    logits[row, coarse[item]] unchecked."""
+    if shift is None:
+        return None, 0, None, ()
+    logits, coarse = shift[0].float().contiguous(), shift[1].long().contiguous()
+    if logits.shape[0] != scores.shape[0] or coarse.shape != (scores.shape[1],):
+        raise ValueError(f"shift: logits {tuple(logits.shape)} / coarse {tuple(coarse.shape)} do not fit "
+                         f"scores {tuple(scores.shape)}")
+    if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= logits.shape[1]):
+        raise IndexError(f"coarse label out of range [0, {logits.shape[1]}): min {int(coarse.min())}, "
+                         f"max {int(coarse.max())}")
+    return logits.data_ptr(), logits.shape[1], coarse.data_ptr(), (logits, coarse)
 
 
 def count_at_or_above(thr, scores, shift=None):
@@ -107,22 +129,46 @@ def count_at_or_above(thr, scores, shift=None):
     coarse (n,)) adding logits[row, coarse[item]] to each score (eq. 5).
     """
     scores, thr = _rows(scores), thr.float().contiguous()
-    logits, coarse = shift if shift is not None else (None, None)
-    if shift is not None:               # C reads logits[row, coarse[item]] unchecked: check here
-        logits, coarse = logits.float().contiguous(), coarse.long().contiguous()
-        if logits.shape[0] != thr.shape[0] or coarse.shape != (scores.shape[1],):
-            raise ValueError(f"shift: logits {tuple(logits.shape)} / coarse {tuple(coarse.shape)} do not fit "
-                             f"scores {tuple(scores.shape)}")
-        if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= logits.shape[1]):
-            raise IndexError(f"coarse label out of range [0, {logits.shape[1]}): min {int(coarse.min())}, "
-                             f"max {int(coarse.max())}")
-    q = thr.shape[0]
+    if thr.shape[0] != scores.shape[0]:
+        raise ValueError(f"thresholds {tuple(thr.shape)} do not fit scores {tuple(scores.shape)}")
+    logits, n_coarse, coarse, _keep = _shift_args(shift, scores)
     n_ge = torch.empty(thr.shape, dtype=torch.int64)
-    _split_rows(kernel().grafit_count_ge, q, scores.data_ptr(), scores.shape[1], scores.stride(0),
-                thr.data_ptr(), thr.shape[1], None if logits is None else logits.data_ptr(),
-                0 if logits is None else logits.shape[1], None if coarse is None else coarse.data_ptr(),
-                n_ge.data_ptr())
+    _split_rows(kernel().grafit_count_ge, thr.shape[0], scores.data_ptr(), scores.shape[1], scores.stride(0),
+                thr.data_ptr(), thr.shape[1], logits, n_coarse, coarse, n_ge.data_ptr())
     return n_ge
+
+
+def gather(scores, order, start, size, pos0, r_max, pad, shift=None):
+    """(q, r_max) float32: row i holds pad, then the scores (+ shift) of its relevant columns
+    order[start[i] : start[i] + size[i]] from column pos0[i], then pad (grafit_core.ap's
+    thresholds before the sort)."""
+    scores, order = _rows(scores), order.long().contiguous()
+    start, size, pos0 = (x.long().contiguous() for x in (start, size, pos0))
+    q = scores.shape[0]
+    # C reads these unchecked
+    if order.shape != (scores.shape[1],) or not start.shape == size.shape == pos0.shape == (q,):
+        raise ValueError(f"gather: order {tuple(order.shape)} / rows {tuple(start.shape)} do not fit scores "
+                         f"{tuple(scores.shape)}")
+    if q and (bool((start < 0).any() | (size < 0).any() | (pos0 < 0).any()) or int((start + size).max()) > len(order)
+              or int((pos0 + size).max()) > r_max):
+        raise IndexError("gather: a row's relevant columns fall outside the label index or the thresholds")
+    logits, n_coarse, coarse, _keep = _shift_args(shift, scores)
+    thr = torch.empty(q, r_max, dtype=torch.float32)
+    _split_rows(kernel().grafit_gather, q, scores.data_ptr(), scores.stride(0), order.data_ptr(), start.data_ptr(),
+                size.data_ptr(), pos0.data_ptr(), logits, n_coarse, coarse, pad, thr.data_ptr(), r_max)
+    return thr
+
+
+def average_precision(thr, n_rel, n_ge):
+    """(q,) float64 AP from the sorted thresholds (q, r_max), #relevant (q,) and the counts at or
+    above (q, r_max): grafit_core.ap._ap_from_counts in one loop, the same bits."""
+    thr, n_ge, n_rel = thr.float().contiguous(), n_ge.long().contiguous(), n_rel.long().contiguous()
+    if n_ge.shape != thr.shape or n_rel.shape != thr.shape[:1] or (len(n_rel) and int(n_rel.max()) > thr.shape[1]):
+        raise ValueError(f"AP: thresholds {tuple(thr.shape)}, counts {tuple(n_ge.shape)}, R {tuple(n_rel.shape)}")
+    ap = torch.empty(thr.shape[0], dtype=torch.float64)
+    _split_rows(kernel().grafit_ap, thr.shape[0], thr.data_ptr(), thr.shape[1], n_rel.data_ptr(), n_ge.data_ptr(),
+                ap.data_ptr())
+    return ap
 
 
 def topk(scores, k):
@@ -137,8 +183,8 @@ def topk(scores, k):
     scores = _rows(scores)
     vals = torch.empty(scores.shape[0], k, dtype=torch.float32)
     idx = torch.empty(scores.shape[0], k, dtype=torch.int64)
-    _split_rows(kernel().grafit_topk, scores.shape[0], scores.data_ptr(), scores.shape[1], scores.stride(0),
-                k, vals.data_ptr(), idx.data_ptr())
+    _split_rows(kernel().grafit_topk, scores.shape[0], scores.data_ptr(), scores.shape[1], scores.stride(0), k,
+                vals.data_ptr(), idx.data_ptr())
     return vals, idx
 
 

@@ -1,13 +1,15 @@
-"""The compiled AP counting loop (grafit_core/ap_kernel.c) against the torch reference path."""
+"""The compiled AP loops (grafit_core/ap_kernel.c: gather, count, AP, top-k) against the torch
+reference path."""
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from grafit_core import ap_kernel
-from grafit_core.ap import count_at_or_above_torch
+from grafit_core.ap import LabelIndex, _ap_from_counts, _gather_torch, count_at_or_above_torch
 
 
 def _case(seed, quantised, with_nan):
@@ -134,3 +136,77 @@ def test_kernel_refuses_coarse_labels_outside_the_logits():
     for bad in (torch.tensor([0, 1, 2, 0, 1, -1]), torch.tensor([0, 1, 2, 0, 1, 3])):
         with pytest.raises(IndexError, match="coarse label out of range"):
             ap_kernel.count_at_or_above(thr, s, (logits, bad))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_counts_with_many_thresholds(seed):
+    # coarse levels: R in the thousands (binned 4 per threshold), crowded bins (quantised scores:
+    # more than the 4 thresholds compared at once share a bin, searched), and a shard's row shorter
+    # than the thresholds of all shards (the bins capped at 2 per item)
+    g = torch.Generator().manual_seed(100 + seed)
+    n = (5000, 300, 20000)[seed % 3]
+    s = torch.randn(3, n, generator=g)
+    if seed % 2:
+        s = (s * 64).round() / 64
+    s[:, ::53] = float("nan")
+    s[:, 7::61] = float("-inf")
+    r = (4000, 1500, 9000)[seed % 3]
+    thr = torch.randn(3, r, generator=g)
+    thr = ((thr * 64).round() / 64 if seed % 2 else thr)
+    thr[0, :r // 3] = s[0, torch.randint(0, n, (r // 3,), generator=g)].nan_to_num(0.0)    # exact ties with items
+    thr[1, r // 2:] = float("inf")                                                       # pads
+    thr[2, :] = thr[2, :1]                                                               # one value, every bin
+    thr = thr.sort(dim=1).values
+    finite = torch.isfinite(thr)
+    assert torch.equal(ap_kernel.count_at_or_above(thr, s)[finite], count_at_or_above_torch(thr, s)[finite])
+    logits, coarse = torch.randn(3, 4, generator=g), torch.randint(0, 4, (n,), generator=g)
+    ranked = s + logits[:, coarse]
+    assert torch.equal(ap_kernel.count_at_or_above(thr, s, (logits, coarse))[finite],
+                       count_at_or_above_torch(thr, ranked)[finite])
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("pad", [0.0, float("inf")])
+def test_gather_equals_the_torch_path(shifted, pad):
+    # labels a row has none of, negative labels (nobody's match), a sharded row's offset among
+    # the other shards' relevant items (col_start), NaN and -inf scores copied as they are
+    g = torch.Generator().manual_seed(7)
+    q, n = 9, 700
+    s = torch.randn(q, n, generator=g)
+    s[:, ::31] = float("nan")
+    s[:, 3::37] = float("-inf")
+    labels = torch.randint(-1, 6, (n,), generator=g)
+    index = LabelIndex(labels, 8)
+    ql = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 2])               # 6, 7: no item
+    col_start = torch.randint(0, 50, (q,), generator=g)
+    r_max = int((index.counts(ql) + col_start).max()) + 3
+    shift = (torch.randn(q, 3, generator=g), torch.randint(0, 3, (n,), generator=g)) if shifted else None
+    got = ap_kernel.gather(s, index.order, *index.slices(ql), col_start, r_max, pad, shift)
+    ref = _gather_torch(s, ql, index, col_start, r_max, pad, shift)
+    assert torch.equal(got.nan_to_num(9.0, 8.0, -8.0), ref.nan_to_num(9.0, 8.0, -8.0))
+    with pytest.raises(IndexError):
+        ap_kernel.gather(s, index.order, *index.slices(ql), col_start, r_max - 4, pad, shift)
+
+
+def _ap_case(g, q, r_max, quantised):
+    n_rel = torch.randint(0, r_max + 1, (q,), generator=g)
+    n_rel[0], n_rel[1] = 0, r_max
+    thr = torch.randn(q, r_max, generator=g)
+    if quantised:
+        thr = (thr * 3).round() / 3                                   # long runs of ties
+    thr[2, :5] = float("-inf")
+    thr[3, -2:] = float("nan")                                         # a NaN relevant score: sorts last
+    thr[torch.arange(r_max)[None] >= n_rel[:, None]] = float("inf")    # pads
+    thr = thr.sort(dim=1).values
+    n_ge = torch.randint(0, 1 << 40, (q, r_max), generator=g)
+    n_ge[4] = 0                                                        # counts of 0 are taken as 1
+    return thr, n_rel, n_ge
+
+
+@pytest.mark.parametrize("r_max,quantised", [(1, False), (40, True), (3000, False), (70000, True)])
+def test_average_precision_equals_the_torch_path_bit_for_bit(r_max, quantised):
+    g = torch.Generator().manual_seed(r_max)
+    thr, n_rel, n_ge = _ap_case(g, 5 if r_max > 1000 else 12, r_max, quantised)
+    got, ref = ap_kernel.average_precision(thr, n_rel, n_ge), _ap_from_counts(thr, n_rel, n_ge)
+    assert got.dtype == torch.float64 and torch.isnan(got[0])
+    np.testing.assert_array_equal(got.numpy(), ref.numpy())          # NaN == NaN, else the same bits

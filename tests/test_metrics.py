@@ -9,7 +9,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 import oracles
-from grafit_core.ap import LabelIndex, chunk_ap
+from grafit_core import ap_kernel
+from grafit_core.ap import FUSED_PAIR_BYTES, PAIR_BYTES, LabelIndex, chunk_ap
 from grafit_core.distributed import DistContext
 from grafit_core.metrics import Ranking, choose_k, evaluate_pass, knn_neighbours, knn_predict, normalise, vote
 
@@ -268,11 +269,32 @@ def test_ap_chunk_sizes_and_row_groups(counting):
     scores = normalise(coll[rows]) @ normalise(coll).T
     index = LabelIndex(cl)
     r_max = int(index.counts(cl[rows]).max())
-    for budget in (1, 128 * r_max * 2, 128 * r_max * 3):
+    pair = PAIR_BYTES if counting == "torch" else FUSED_PAIR_BYTES
+    for budget in (1, pair * r_max * 2, pair * r_max * 3):
         got = chunk_ap(scores, cl[rows], index, budget=budget)
-        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-15)
+        assert torch.equal(got, ref)        # each row's AP is summed alone: the same bits in any group
     np.testing.assert_allclose(ref.numpy(), oracles.average_precisions(coll[rows], cl[rows], coll, cl).numpy(),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("classes", [2, 7])
+def test_ap_compiled_and_torch_paths_give_the_same_bits(classes, monkeypatch):
+    # a coarse level (R ~ N / C in the hundreds), exact ties (quantised embeddings), queries of an
+    # absent class, cosine and eq. 5: the compiled gather, count and AP against the torch path
+    assert ap_kernel.kernel() is not None, "the AP kernel did not build (is a C compiler installed?)"
+    g = torch.Generator().manual_seed(classes)
+    coll = (torch.randn(1200, 8, generator=g) * 2).round()
+    q = (torch.randn(50, 8, generator=g) * 2).round()
+    cl, ql = torch.randint(0, classes, (1200,), generator=g), torch.randint(0, classes + 1, (50,), generator=g)
+    scores = normalise(q) @ normalise(coll).T
+    index = LabelIndex(cl, classes + 1)
+    shift = (torch.randn(50, 3, generator=g), cl % 3)
+    fused = [chunk_ap(scores, ql, index, shift=s, budget=b) for s in (None, shift) for b in (1 << 20, 1 << 14)]
+    monkeypatch.setattr(ap_kernel, "usable", lambda scores: False)
+    ref = [chunk_ap(scores, ql, index, shift=s, budget=b) for s in (None, shift) for b in (1 << 20, 1 << 14)]
+    for got, want in zip(fused, ref):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())     # NaN == NaN, else the same bits
+    assert torch.isnan(fused[0][ql == classes]).all()
 
 
 def test_faiss_backend_gives_the_torch_neighbours():
