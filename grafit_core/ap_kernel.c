@@ -11,8 +11,8 @@
  * ops for items and thresholds, so the bin order never contradicts the score order: an item starts
  * from the number of thresholds in lower bins and compares those of its bin, SCAN at once without
  * a branch (thresholds of higher bins past them are above the item, so comparing them is harmless);
- * only a bin holding more (ties, a dense spot) is searched. NaN items count nowhere; a block of
- * items below every threshold is skipped whole. */
+ * only a bin holding more (ties, a dense spot) is searched. NaN items count nowhere, nor do items
+ * below every threshold: one vectorised test per block of BLOCK items finds the others. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +23,6 @@
 #endif
 
 #define BLOCK 16
-#define PROBE 32
 #define SCAN 4          /* one SSE compare; a bin holds more than 4 for ~0.5% of the items */
 #define BIN_RATIO 4     /* fewer bins crowd them, more cost a table build that rivals the items */
 
@@ -47,6 +46,23 @@ static inline int32_t scan_le(const float *tt, int32_t e, float x) {
 #endif
 }
 
+/* any of x[0 .. BLOCK) > t, or NaN with nan_counts (GCC does not vectorise this test itself) */
+static inline int any_above(const float *x, float t, int nan_counts) {
+#if defined(__SSE2__)
+    const __m128 tv = _mm_set1_ps(t), nan = nan_counts ? _mm_castsi128_ps(_mm_set1_epi32(-1)) : _mm_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
+    for (int j = 0; j < BLOCK; j += 4) {
+        const __m128 v = _mm_loadu_ps(x + j);
+        acc = _mm_or_ps(acc, _mm_or_ps(_mm_cmpgt_ps(v, tv), _mm_and_ps(_mm_cmpunord_ps(v, v), nan)));
+    }
+    return _mm_movemask_ps(acc);
+#else
+    int hit = 0;
+    for (int j = 0; j < BLOCK; j++) hit |= x[j] > t || (nan_counts && x[j] != x[j]);
+    return hit;
+#endif
+}
+
 /* per bin b: #thresholds in lower bins (below[b], a the -inf ones first), and the item's start
    table[b] = below[b], or ~below[b] where the bin holds more than SCAN thresholds (searched) */
 static void bin_tables(const float *t, int64_t a, int64_t m, float lo, float hi, float inv, int32_t bins,
@@ -58,42 +74,65 @@ static void bin_tables(const float *t, int64_t a, int64_t m, float lo, float hi,
     for (int32_t b = 0; b < bins; b++) table[b] = below[b + 1] - below[b] > SCAN ? ~below[b] : below[b];
 }
 
-/* hist[slot] += 1 for each non-NaN item of row s (+ lg[coarse]) at or above lo */
+/* bit j of the result: x[j] > t, or with ordered x[j] is not NaN (a NaN is never counted) */
+static inline uint32_t block_mask(const float *x, float t, int ordered) {
+#if defined(__SSE2__)
+    const __m128 tv = _mm_set1_ps(t);
+    uint32_t m = 0;
+    for (int j = 0; j < BLOCK; j += 4) {
+        const __m128 v = _mm_loadu_ps(x + j);
+        m |= (uint32_t)_mm_movemask_ps(ordered ? _mm_cmpord_ps(v, v) : _mm_cmpgt_ps(v, tv)) << j;
+    }
+    return m;
+#else
+    uint32_t m = 0;
+    for (int j = 0; j < BLOCK; j++) m |= (uint32_t)(ordered ? x[j] == x[j] : x[j] > t) << j;
+    return m;
+#endif
+}
+
+/* the slot of x (#thresholds <= x) in bin b */
+static inline int32_t slot_of(float x, int32_t b, const int32_t *below, const int32_t *table, const float *tt) {
+    int32_t e = table[b];
+    if (e >= 0) return e + scan_le(tt, e, x);
+    int32_t end = below[b + 1];                 /* a crowded bin: binary search in it */
+    e = ~e;
+    while (e < end) {
+        const int32_t mid = e + (end - e) / 2;
+        if (tt[mid] <= x) e = mid + 1; else end = mid;
+    }
+    return e;
+}
+
+/* hist[slot] += 1 for each non-NaN item of row s (+ lg[coarse]); without -inf thresholds (a = 0)
+   only the items at or above lo, the others are in slot 0 and count nowhere: at a fine level most
+   items of a row, at a conditioned ranking most items of the other coarse classes. */
 static void count_row(const float *s, int64_t n, const float *lg, const int64_t *coarse, int64_t a,
                       float lo, float hi, float inv, int32_t bins, const int32_t *below, const int32_t *table,
                       const float *tt, int32_t *hist) {
-    int64_t skipped = 0;
+    const float under = nextafterf(lo, -INFINITY);         /* x > under: x >= lo (lo is finite) */
     for (int64_t k0 = 0; k0 < n; k0 += BLOCK) {
         const int64_t len = n - k0 < BLOCK ? n - k0 : BLOCK;
-        /* after PROBE blocks, a row where fewer than 1 in 4 were skipped drops the test */
-        const int probe = k0 < PROBE * BLOCK || 4 * skipped >= PROBE;
-        float buf[BLOCK], top = -INFINITY;
+        float buf[BLOCK];
         int32_t bin[BLOCK];
         const float *v = s + k0;
         if (lg || len < BLOCK) {                /* the last block: pad, never read past */
             for (int64_t j = 0; j < len; j++) buf[j] = lg ? s[k0 + j] + lg[coarse[k0 + j]] : s[k0 + j];
-            for (int64_t j = len; j < BLOCK; j++) buf[j] = -INFINITY;
+            for (int64_t j = len; j < BLOCK; j++) buf[j] = NAN;
             v = buf;
         }
-        if (probe) {    /* conditioned ranking pushes most items of other coarse classes below lo */
-            for (int64_t j = 0; j < len; j++) top = v[j] > top ? v[j] : top;
-            if (!(top >= lo) && a == 0) { skipped++; continue; }
-        }
+        uint32_t mask = block_mask(v, under, a > 0);
+        if (!mask)
+            continue;
         for (int j = 0; j < BLOCK; j++) bin[j] = bin_of(v[j], lo, hi, inv, bins);     /* SIMD */
-        for (int64_t j = 0; j < len; j++) {
-            const float x = v[j];
-            int32_t e = table[bin[j]];
-            if (e >= 0) {
-                e += scan_le(tt, e, x);
-            } else {                            /* a crowded bin: binary search in it */
-                int32_t end = below[bin[j] + 1];
-                e = ~e;
-                while (e < end) {
-                    const int32_t mid = e + (end - e) / 2;
-                    if (tt[mid] <= x) e = mid + 1; else end = mid;
-                }
-            }
-            hist[e] += x == x;
+        if (mask == (1u << BLOCK) - 1) {        /* a dense block: a loop of known length */
+            for (int j = 0; j < BLOCK; j++) hist[slot_of(v[j], bin[j], below, table, tt)]++;
+            continue;
+        }
+        while (mask) {
+            const int j = __builtin_ctz(mask);
+            mask &= mask - 1;
+            hist[slot_of(v[j], bin[j], below, table, tt)]++;
         }
     }
 }
@@ -139,7 +178,7 @@ int grafit_count_ge(int64_t row0, int64_t row1, const float *scores, int64_t n, 
         } else if (a) {
             for (int64_t k = 0; k < n; k++) {
                 const float v = lg ? s[k] + lg[coarse[k]] : s[k];
-                hist[a] += v == v;
+                hist[a] += v == v;              /* every non-NaN item is >= -inf */
             }
         }
         int64_t acc = 0;                            /* n_ge[j] = #items with slot > j */
@@ -203,22 +242,28 @@ static inline int above(float a, float b) {
 }
 
 /* torch.topk(s[:n], k) (sorted, largest first) in one pass: an item enters the k-list only if
- * it beats the current k-th (rare after the first few hundred items, so the test is a
- * well-predicted branch). Among equal values the lower index comes first and stays in a full
- * list (a later equal item never displaces it): the order of a stable sort by -value. */
+ * it beats the current k-th (rare after the first few hundred items), so a block of BLOCK items
+ * none of which is above the k-th nor NaN is skipped after one vectorised test. Among equal values
+ * the lower index comes first and stays in a full list (a later equal item never displaces it):
+ * the order of a stable sort by -value. */
 static void topk_row(const float *s, int64_t n, int64_t k, float *v, int64_t *ix) {
     int64_t filled = 0;
-    for (int64_t j = 0; j < n; j++) {
-        const float x = s[j];
-        if (filled == k && !(x > v[k - 1]) && (x == x || v[k - 1] != v[k - 1])) continue;  /* !above */
-        int64_t p = filled < k ? filled++ : k - 1;       /* drop the k-th, insert x in order */
-        while (p > 0 && above(x, v[p - 1])) {
-            v[p] = v[p - 1];
-            ix[p] = ix[p - 1];
-            p--;
+    for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
+        const int64_t end = n - j0 < BLOCK ? n : j0 + BLOCK;
+        if (filled == k && end - j0 == BLOCK && !any_above(s + j0, v[k - 1], v[k - 1] == v[k - 1]))
+            continue;
+        for (int64_t j = j0; j < end; j++) {
+            const float x = s[j];
+            if (filled == k && !(x > v[k - 1]) && (x == x || v[k - 1] != v[k - 1])) continue;  /* !above */
+            int64_t p = filled < k ? filled++ : k - 1;       /* drop the k-th, insert x in order */
+            while (p > 0 && above(x, v[p - 1])) {
+                v[p] = v[p - 1];
+                ix[p] = ix[p - 1];
+                p--;
+            }
+            v[p] = x;
+            ix[p] = j;
         }
-        v[p] = x;
-        ix[p] = j;
     }
 }
 
