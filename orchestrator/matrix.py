@@ -17,7 +17,7 @@ import os
 from orchestrator import figures, tracking
 from orchestrator.journal import Journal
 from orchestrator.prepare import launch, prepare
-from orchestrator.sweep import run_sweep
+from orchestrator.sweep import check_definition, run_sweep
 
 METRICS = ("knn_top1", "map_cosine", "map_cond", "map_oracle", "finetune_top1")
 
@@ -163,6 +163,7 @@ def cmd_matrix(args) -> int:
     train_levels = job.matrix.train_levels
     print(f"matrix {job.config.name}: {len(job.matrix.methods)} methods x {len(train_levels)} training levels "
           f"= {len(job.matrix.methods) * len(train_levels)} cells, tested at {', '.join(levels)}", flush=True)
+    check_definition(job, args.storage_path)
     if not launch(prep):
         return 0
     matrices = {}

@@ -11,34 +11,22 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 import sys
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
-from grafit_core.config import with_overrides
-from grafit_core.data import NONE_LEVEL
-from grafit_core.errors import GrafitError
-from grafit_core.methods import get_method
+from grafit_core.config import flatten_dict
+from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import journal, tracking
-from orchestrator.job import Job, job_dict, job_from_dict, job_with
+from orchestrator.job import Job, job_dict, job_with
 from orchestrator.prepare import Prepared, format_table, launch, prepare
-from orchestrator.workers import run_training, storage_uri, tracked_training
+from orchestrator.trials import TrialSpec, max_epochs, trial_fn, trial_key
+from orchestrator.workers import storage_uri
 
-
-@dataclass
-class TrialSpec:
-    """What every trial driver needs besides its sampled parameters."""
-    job: dict                                 # orchestrator.job.job_dict
-    source: str
-    uri: str
-    parent_run_id: str
-    fingerprint: str
-    storage_path: str                         # absolute: <storage>/trials
-    name: str
-    max_failures: int
-    test_levels: list[str]
-    on_step: Optional[Callable] = None        # passed to the workers (fault injection)
+# what a rerun may change and still continue the sweep: where and how wide it runs, how it is tracked
+RESUMABLE_CHANGES = ("name", "tracking.", "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker",
+                     "sweep.gpus_per_worker", "data.root", "data.num_workers", "data.options.cache_size")
 
 
 def tune_space(job: Job) -> dict:
@@ -48,71 +36,68 @@ def tune_space(job: Job) -> dict:
     return {key: make[kind](values) for key, spec in job.sweep.space.items() for kind, values in spec.items()}
 
 
-def trial_fn(params: dict, spec: TrialSpec) -> None:
-    """One Tune trial: a driver that trains one configuration on Ray Train workers."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+def state_dir(job: Job, storage_path: str) -> str:
+    """The sweep's own files (its definition, the parent run's journal, matrices): not Tune's."""
+    return os.path.join(storage_uri(storage_path), "sweeps", job.config.name)
 
-    job = job_with(job_from_dict(spec.job, spec.source), params)
-    cfg, sw, trial = job.config, job.sweep, tune.get_context().get_trial_id()
-    if cfg.data.train_level == NONE_LEVEL and not get_method(cfg.method.name).label_free(cfg):
-        # nothing to learn without labels: no workers, no run, a blank cell (the scheduler's
-        # metric must still be present in the report)
-        tune.report({sw.metric: float("nan"), "trained": 0, "skipped": 1})
+
+def check_definition(job: Job, storage_path: str) -> None:
+    """A rerun continues the sweep stored under the same name: refuse it (naming the keys) when the
+    definition changed (space, eval grid, budget, anything trained), before any resource is taken."""
+    path = os.path.join(state_dir(job, storage_path), "definition.json")
+    if "://" in path or not os.path.exists(path):
         return
-    result = tracked_training(
-        job, uri=spec.uri, run_name=f"{spec.name}/{trial}", fingerprint=spec.fingerprint,
-        parent_run_id=spec.parent_run_id, workers=sw.workers, cpus_per_worker=sw.cpus_per_worker,
-        gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path, name=f"{spec.name}-{trial}",
-        max_failures=spec.max_failures, callbacks=[TuneReportCallback()], on_step=spec.on_step,
-        wait_s=10.0)                            # a server that is away: the sweep's end replays, not each trial
-    if result.error is not None:
-        raise result.error                      # Tune marks the trial failed; the sweep goes on
-    final = result.return_value
-    if job.matrix.finetune and not final["skipped"]:
-        final["metrics"].update(finetune_cells(job, result, spec, trial))
-    last_epoch = final["history"][-1] if final["history"] else {}   # keeps the scheduler's metric present
-    tune.report({**last_epoch, **({} if final["skipped"] else final["metrics"]), "mlflow_run_id": result.run_id,
-                 "trained": 0 if final["skipped"] else 1,
-                 "checkpoint_dir": result.checkpoint.path if result.checkpoint else ""})
+    import json
+    saved, now = json.load(open(path)), job_dict(job)
+    keep = lambda d: {k: v for k, v in flatten_dict(d).items()          # noqa: E731
+                      if not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)}
+    diff = sorted(k for k in keep(saved).keys() | keep(now).keys() if keep(saved).get(k) != keep(now).get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {keep(saved).get(k)!r} then, {keep(now).get(k)!r} now" for k in diff[:5])
+        raise ConfigError(f"{job.source}: the sweep {job.config.name!r} in {storage_path} was started with another "
+                          f"definition ({shown}{'; ...' if len(diff) > 5 else ''}); use another name or storage path")
 
 
-def finetune_cells(job: Job, result, spec: TrialSpec, trial: str) -> dict:
-    """A matrix cell's fine-tuning column: its trunk fine-tuned at every test level (one Ray
-    Train fit each), logged into the cell's run next to kNN and mAP."""
-    out, sw = {}, job.sweep
-    for level in spec.test_levels:
-        ft = with_overrides(job.config, {"finetune.checkpoint": result.checkpoint.path, "finetune.level": level})
-        r = run_training(ft, task="finetune", workers=sw.workers, cpus_per_worker=sw.cpus_per_worker,
-                         gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path,
-                         name=f"{spec.name}-{trial}-finetune-{level}", max_failures=spec.max_failures)
-        if r.error is not None:
-            raise r.error
-        out[f"finetune_top1/{level}"] = r.return_value["metrics"][f"finetune_top1/{level}"]
-    # into the cell's (closed) run through a journal: a server that is away does not fail the trial
-    log = journal.Journal(spec.uri, result.run_id, os.path.join(spec.storage_path, f"{spec.name}-{trial}",
-                                                                "mlflow_journal", "finetune.jsonl"))
-    log.log_metrics(out, step=job.config.optim.epochs)
-    log.close(10.0)
-    return out
+def save_definition(job: Job, storage_path: str) -> None:
+    import json
+    folder = state_dir(job, storage_path)
+    if "://" in folder or os.path.exists(os.path.join(folder, "definition.json")):
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "definition.json.tmp"), "w") as f:
+        json.dump(job_dict(job), f, indent=1, default=str)
+    os.replace(os.path.join(folder, "definition.json.tmp"), os.path.join(folder, "definition.json"))
+
+
+def parent_run(job: Job, uri: str, storage_path: str, fingerprint: str) -> str:
+    """The sweep's parent run: the one a previous (interrupted) driver opened, reopened; else a new one."""
+    key = state_dir(job, storage_path)
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(job.experiment)
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`grafit.sweep` = '{key}'",
+                          order_by=["attribute.start_time DESC"], max_results=1) if exp else []
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    return tracking.start_run(uri, job.experiment, f"sweep {job.config.name}", job_dict(job),
+                              {**tracking.provenance(fingerprint), "grafit.sweep": key})
 
 
 def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after=None,
               on_step: Callable | None = None):
-    """Run the sweep on the connected Ray cluster; returns (Tune ResultGrid, parent run id).
-    after(grid, parent_journal) logs more into the parent run before it is closed; the parent
-    records the trial with the best final kNN top-1 at the finest test level."""
+    """Run (or continue) the sweep on the connected Ray cluster; returns (Tune ResultGrid, parent
+    run id). after(grid, parent_journal) logs more into the parent run before it is closed; the
+    parent records the trial with the best final kNN top-1 at the finest test level."""
     job, uri = prep.job, tracking.tracking_uri()
     check_capacity(job.sweep)
-    name = job.config.name
-    parent = tracking.start_run(uri, job.experiment, f"sweep {name}", job_dict(job),
-                                tracking.provenance(prep.fingerprint))
-    log = journal.Journal(uri, parent, os.path.join(journal.local_dir(
-        f"{storage_uri(storage_path).rstrip('/')}/{name}", parent), "parent.jsonl"))
+    save_definition(job, storage_path)
+    parent = parent_run(job, uri, storage_path, prep.fingerprint)
+    log = journal.Journal(uri, parent, os.path.join(state_dir(job, storage_path), "mlflow_journal", "parent.jsonl"))
     ok, grid, wait_s = False, None, job.tracking.offline_wait_s
     try:
         spec = TrialSpec(job_dict(job), job.source, uri, parent, prep.fingerprint,
-                         storage_uri(storage_path.rstrip("/") + "/trials"), name, max_failures, prep.levels, on_step)
+                         storage_uri(storage_path.rstrip("/") + "/trials"), job.config.name, max_failures,
+                         prep.levels, on_step)
         grid = _fit_tuner(job, spec, storage_path)
         # the trials' own records travel through their journals; the parent's are read and
         # written now, so a server that went away during the sweep gets time to come back
@@ -129,7 +114,7 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
     finally:
         try:
             if grid is not None:
-                close_children(log, grid)
+                close_children(log, job, grid)
             log.end(ok)
         except Exception as err:                 # the server is gone: say so, keep the first error
             print(f"grafit: could not close the sweep's MLflow runs in {uri} ({type(err).__name__}); "
@@ -148,45 +133,37 @@ def check_capacity(sw) -> None:
                           f"the Ray cluster has {cpus:g}: concurrent trials would wait forever")
 
 
-def max_epochs(job: Job) -> int:
-    """The longest trial's epochs (optim.epochs may itself be swept)."""
-    spec = job.sweep.space.get("optim.epochs")
-    return int(max(next(iter(spec.values())))) if spec else job.config.optim.epochs
-
-
 def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sw = job.sweep
-    # one report per epoch, then the trial's final report: with max_t = epochs ASHA would stop a
-    # surviving trial at its last epoch, before its evaluation and MLflow logging finish
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(job) + 1,
+    # the epoch, not Tune's iteration count, is ASHA's clock: a resumed trial replays its epochs,
+    # so its rungs are the same as before the interruption; the final report comes at max_t
+    scheduler = (ASHAScheduler(metric=sw.metric, mode=sw.mode, time_attr="epoch", max_t=max_epochs(job) + 1,
                                grace_period=min(sw.grace_period, max_epochs(job)))
                  if sw.scheduler == "asha" else FIFOScheduler())
+    tune_dir = os.path.join(storage_uri(storage_path), job.config.name)
+    if "://" not in tune_dir and os.path.isdir(tune_dir):
+        shutil.rmtree(tune_dir)                # Tune's state of an earlier driver: the trial keys resume, not it
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec),
                                     {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
-                       tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler,
-                                                   num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
+                       tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=sw.num_samples,
+                                                   max_concurrent_trials=sw.max_concurrent),
                        run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name))
     return tuner.fit()
 
 
-def trial_id(path: str) -> str:
-    """Tune's trial id from a trial folder name: trial_fn_<experiment>_<index>_<params>_<date>."""
-    return "_".join(os.path.basename(path).split("_")[2:4])
-
-
-def close_children(log: journal.Journal, grid) -> None:
+def close_children(log: journal.Journal, job: Job, grid) -> None:
     """A trial stopped by the scheduler (or whose driver died) cannot close its own run: mark it
     KILLED (stopped early) or FAILED (errored), never leave it RUNNING."""
-    failed = {trial_id(r.path) for r in grid if r.error is not None and r.path}
+    failed = {trial_key(job_with(job, r.config)) for r in grid if r.error is not None}
     c = tracking.client(log.uri)
     runs = c.search_runs([c.get_run(log.run_id).info.experiment_id],
                          filter_string=f"tags.mlflow.parentRunId = '{log.run_id}' and attributes.status = 'RUNNING'")
     for run in runs:
-        log.end("FAILED" if run.info.run_name.split("/")[-1] in failed else "KILLED", run_id=run.info.run_id)
+        log.end("FAILED" if run.data.tags.get("grafit.trial_key") in failed else "KILLED", run_id=run.info.run_id)
 
 
 def record_best(log: journal.Journal, grid, final: str) -> None:
@@ -199,11 +176,11 @@ def record_best(log: journal.Journal, grid, final: str) -> None:
     log.log_metrics({f"best/{k}": v for k, v in best.metrics.items() if "/" in k}, step=0)
 
 
-def trial_table(grid, params: list[str], keys: list[str]) -> list[dict]:
+def trial_table(job: Job, grid, params: list[str], keys: list[str]) -> list[dict]:
     """One row per trial: its swept values, status and final metrics."""
     rows = []
     for r in grid:
-        trial = trial_id(r.path) if r.path else "?"
+        trial = trial_key(job_with(job, r.config))
         stopped = r.metrics and "trained" not in r.metrics
         status = "FAILED" if r.error else ("stopped" if stopped else
                                            "skipped" if (r.metrics or {}).get("skipped") else "ok")
@@ -235,12 +212,13 @@ def over_seeds(rows: list[dict], params: list[str], keys: list[str]) -> list[dic
 def cmd_sweep(args) -> int:
     """Validate the sweep against its data, run it on Ray Tune, print the trials."""
     prep = prepare("sweep", args)
+    check_definition(prep.job, args.storage_path)
     if not launch(prep):
         return 0
     grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures)
     params = list(prep.job.sweep.space)
     keys = [f"{m}/{lv}" for lv in prep.levels for m in ("knn_top1", "map_cosine", "map_cond")]
-    rows = trial_table(grid, params, keys)
+    rows = trial_table(prep.job, grid, params, keys)
     print(f"\n== sweep {prep.job.config.name}: {len(rows)} trials, {grid.num_errors} failed ==")
     print(format_table(rows, ["trial", "status", *params, *keys]))
     if "seed" in params:

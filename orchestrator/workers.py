@@ -187,7 +187,7 @@ def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worke
 
 
 def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, parent_run_id: str | None = None,
-                     wait_s: float | None = None, **kwargs):
+                     tags: dict | None = None, wait_s: float | None = None, **kwargs):
     """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error.
     Rerunning into the same storage path and name continues its unfinished run."""
     cfg = job.config
@@ -196,7 +196,8 @@ def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, par
                       else (None, 0))
     if run_id is None:
         run_id = tracking.start_run(uri, job.experiment, run_name, job_dict(job),
-                                    {**tracking.provenance(fingerprint), "grafit.storage": storage_key}, parent_run_id)
+                                    {**tracking.provenance(fingerprint), **(tags or {}), "grafit.storage": storage_key},
+                                    parent_run_id)
     journals = journal.local_dir(storage_key, run_id)
     ok, checkpoint_dir = False, None
     try:

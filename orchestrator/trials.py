@@ -1,0 +1,146 @@
+"""One Tune trial of a sweep or matrix: a driver that trains one configuration on Ray Train workers.
+
+A trial is named by a hash of its configuration (seed included), never by Tune's trial id: its
+checkpoint folder `<storage>/trials/<sweep>-<key>` and its MLflow run (tag `grafit.trial_key`)
+are found again when the sweep is rerun. A trial that finished replays its stored reports to Tune
+instead of training; one that was interrupted replays the epochs of its latest checkpoint (so that
+ASHA sees the same rungs), then continues from that checkpoint into the same MLflow run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from grafit_core.config import to_dict, with_overrides
+from grafit_core.data import NONE_LEVEL
+from grafit_core.methods import get_method
+from orchestrator import journal
+from orchestrator.job import Job, job_from_dict, job_with
+from orchestrator.workers import latest_checkpoint, run_training, tracked_training
+
+RESULT = "trial.json"                         # the reports of a finished trial, in order
+
+
+@dataclass
+class TrialSpec:
+    """What every trial driver needs besides its sampled parameters."""
+    job: dict                                 # orchestrator.job.job_dict
+    source: str
+    uri: str
+    parent_run_id: str
+    fingerprint: str                          # of the dataset
+    storage_path: str                         # absolute: <storage>/trials
+    name: str
+    max_failures: int
+    test_levels: list[str]
+    on_step: Optional[Callable] = None        # passed to the workers (fault injection)
+
+
+def trial_key(job: Job) -> str:
+    """The trial's identity: a hash of what it trains and evaluates (the core's config, seed included)."""
+    blob = json.dumps({k: v for k, v in to_dict(job.config).items() if k != "name"}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def trial_dir(spec: TrialSpec, key: str) -> str:
+    return os.path.join(spec.storage_path, f"{spec.name}-{key}")
+
+
+def stored_reports(folder: str) -> list[dict] | None:
+    """The reports of a finished trial (None if it did not finish)."""
+    path = os.path.join(folder, RESULT)
+    return json.load(open(path))["reports"] if os.path.exists(path) else None
+
+
+def store_reports(folder: str, reports: list[dict]) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{RESULT}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"reports": reports}, f)
+    os.replace(tmp, os.path.join(folder, RESULT))   # atomic: a killed driver leaves none or all
+
+
+def epochs_done(folder: str) -> list[dict]:
+    """The per-epoch reports already in the trial's latest checkpoint (an interrupted trial)."""
+    import torch
+    latest = latest_checkpoint(folder)
+    if latest is None or not os.path.exists(os.path.join(latest, "train_state.pt")):
+        return []
+    return torch.load(os.path.join(latest, "train_state.pt"), map_location="cpu", weights_only=True)["history"]
+
+
+def trial_fn(params: dict, spec: TrialSpec) -> None:
+    """One Tune trial: replay what is stored, train what is not, report the final metrics."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    job = job_with(job_from_dict(spec.job, spec.source), params)
+    cfg, sw, key = job.config, job.sweep, trial_key(job)
+    folder = trial_dir(spec, key)
+    done = stored_reports(folder)
+    if done is not None:                        # finished before the sweep was interrupted
+        for report in done:
+            tune.report(report)
+        return
+    if cfg.data.train_level == NONE_LEVEL and not get_method(cfg.method.name).label_free(cfg):
+        # nothing to learn without labels: no workers, no run, a blank cell (the scheduler's
+        # metric must still be present in the report)
+        final = {sw.metric: float("nan"), "trained": 0, "skipped": 1, "trial_key": key}
+        store_reports(folder, [final])
+        tune.report(final)
+        return
+    for report in epochs_done(folder):          # ASHA sees the epochs trained before the interruption
+        tune.report(report)
+    result = tracked_training(
+        job, uri=spec.uri, run_name=f"{spec.name}/{run_label(params)}", fingerprint=spec.fingerprint,
+        parent_run_id=spec.parent_run_id, tags={"grafit.trial_key": key}, workers=sw.workers,
+        cpus_per_worker=sw.cpus_per_worker, gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path,
+        name=f"{spec.name}-{key}", max_failures=spec.max_failures, callbacks=[TuneReportCallback()],
+        on_step=spec.on_step, wait_s=10.0)      # a server that is away: the sweep's end replays, not each trial
+    if result.error is not None:
+        raise result.error                      # Tune marks the trial failed; the sweep goes on
+    final = result.return_value
+    if job.matrix.finetune and not final["skipped"]:
+        final["metrics"].update(finetune_cells(job, result, spec, key))
+    # the final report comes after the last epoch's: its epoch is ASHA's max_t, so a surviving
+    # trial is never stopped before its evaluation and MLflow logging are done
+    report = {**(final["history"][-1] if final["history"] else {}), **({} if final["skipped"] else final["metrics"]),
+              "epoch": max_epochs(job) + 1, "mlflow_run_id": result.run_id, "trained": 0 if final["skipped"] else 1,
+              "trial_key": key, "checkpoint_dir": result.checkpoint.path if result.checkpoint else ""}
+    store_reports(folder, [*final["history"], report])
+    tune.report(report)
+
+
+def run_label(params: dict) -> str:
+    """A run name a reader can place: the sampled values, e.g. sigma=0.05,seed=1."""
+    return ",".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                    for k, v in sorted(params.items()))
+
+
+def max_epochs(job: Job) -> int:
+    """The longest trial's epochs (optim.epochs may itself be swept)."""
+    spec = job.sweep.space.get("optim.epochs")
+    return int(max(next(iter(spec.values())))) if spec else job.config.optim.epochs
+
+
+def finetune_cells(job: Job, result, spec: TrialSpec, key: str) -> dict:
+    """A matrix cell's fine-tuning column: its trunk fine-tuned at every test level (one Ray
+    Train fit each), logged into the cell's run next to kNN and mAP."""
+    out, sw = {}, job.sweep
+    for level in spec.test_levels:
+        ft = with_overrides(job.config, {"finetune.checkpoint": result.checkpoint.path, "finetune.level": level})
+        r = run_training(ft, task="finetune", workers=sw.workers, cpus_per_worker=sw.cpus_per_worker,
+                         gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path,
+                         name=f"{spec.name}-{key}-finetune-{level}", max_failures=spec.max_failures)
+        if r.error is not None:
+            raise r.error
+        out[f"finetune_top1/{level}"] = r.return_value["metrics"][f"finetune_top1/{level}"]
+    # into the cell's (closed) run through a journal: a server that is away does not fail the trial
+    log = journal.Journal(spec.uri, result.run_id, os.path.join(trial_dir(spec, key), "mlflow_journal",
+                                                                "finetune.jsonl"))
+    log.log_metrics(out, step=job.config.optim.epochs)
+    log.close(10.0)
+    return out

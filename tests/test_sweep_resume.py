@@ -1,0 +1,144 @@
+"""Sweeps survive their driver: a rerun of the same command continues the sweep (issue 15)."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = {"name": "resume",
+        "data": {"name": "synthetic", "train_level": "l0", "augment": "characters", "image_size": 16,
+                 "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
+        "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
+        "optim": {"epochs": 3, "batch_size": 16},
+        "eval": {"val_size": 20, "k_candidates": [3, 5]}}
+
+
+def write(tmp_path, job) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+def runs_of(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return c, runs, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def finished(trials: str) -> list[str]:
+    return [os.path.dirname(p) for p in glob.glob(os.path.join(trials, "*", "trial.json"))]
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_sweep_driver_is_continued_by_the_same_command(tmp_path):
+    from grafit_core.config import config_from_dict
+    from grafit_core.data import prepare_data
+    from grafit_core.engine import fit
+    # a larger collection: an epoch lasts long enough to be interrupted in the middle
+    job = {**BASE, "data": {**BASE["data"], "options": {**BASE["data"]["options"], "per_class": 300}},
+           "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo", "max_concurrent": 1}}
+    path = write(tmp_path, job)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # Tune's own state is saved rarely: the rerun must not depend on it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "100000"}
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", path, "--num-cpus", "2",
+           "--storage-path", str(tmp_path / "runs")]
+    trials = str(tmp_path / "runs" / "trials")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 400
+
+        def second_in_epoch_2():
+            done = finished(trials)
+            return len(done) == 1 and any(glob.glob(os.path.join(d, "checkpoint_*", "train_state.pt"))
+                                          for d in glob.glob(os.path.join(trials, "*")) if d not in done)
+
+        while not second_in_epoch_2():
+            assert first.poll() is None and time.time() < deadline, "the first trial did not finish in time"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)              # the driver, its trials and the local Ray
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
+                       capture_output=True, timeout=120)
+    assert len(finished(trials)) == 1                    # killed while the second trial trained
+    c, _, _, children = runs_of(uri, "resume")
+    (done_before,) = [r for r in children if r.info.status == "FINISHED"]
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    c, runs, parents, children = runs_of(uri, "resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    again = next(r for r in children if r.info.run_id == done_before.info.run_id)
+    assert again.info.end_time == done_before.info.end_time      # replayed, not retrained
+    assert parents[0].data.tags["best.run_id"] in {r.info.run_id for r in children}
+    import torch
+    torch.set_num_threads(1)                              # as the 1-CPU worker
+    for run in children:
+        assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]   # each epoch once
+        cfg = config_from_dict({**{k: v for k, v in job.items() if k != "sweep"},
+                                "method": {"sigma": float(run.data.params["method.sigma"])}})
+        train, query = prepare_data(cfg.data)
+        reference = fit(cfg, train, query, log=lambda s: None).metrics   # never interrupted
+        for key in ("knn_top1/l2", "map_cosine/l2", "map_cond/l1"):
+            assert run.data.metrics[key] == pytest.approx(reference[key], abs=1e-5), (run.info.run_name, key)
+
+
+@pytest.mark.timeout(900)
+def test_a_rerun_sweep_trains_nothing_again_and_asha_stops_the_same_trials(tmp_path, monkeypatch):
+    """ASHA's rungs are rebuilt from the trials' stored epochs: rerunning a finished ASHA sweep
+    replays every trial, stops the same ones at the same epoch and opens no run."""
+    import ray
+    from orchestrator.cli import main as grafit
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    job = {**BASE, "sweep": {"space": {"method.sigma": {"grid": [0.02, 0.05, 0.1, 0.5]}}, "scheduler": "asha",
+                             "grace_period": 1, "metric": "online_knn_top1/l2", "max_concurrent": 1}}
+    path = write(tmp_path, job)
+    argv = ["sweep", path, "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2"]
+    try:
+        assert grafit(argv) == 0
+        c, runs, _, children = runs_of(uri, "resume")
+        before = {r.info.run_id: (r.info.status, r.info.end_time) for r in children}
+        stopped = {r.data.params["method.sigma"] for r in children if r.info.status == "KILLED"}
+        assert stopped and len(stopped) < 4               # ASHA stopped some trials, not all
+        ray.shutdown()
+        assert grafit(argv) == 0
+    finally:
+        ray.shutdown()
+    c, runs2, parents, children = runs_of(uri, "resume")
+    assert len(parents) == 1 and len(runs2) == len(runs)                # no run opened
+    assert {r.info.run_id: (r.info.status, r.info.end_time) for r in children} == before
+
+
+def test_a_changed_sweep_definition_is_refused_naming_the_keys(tmp_path, capsys):
+    import json
+    from orchestrator.cli import main as grafit
+    job = {**BASE, "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo",
+                             "metric": "online_knn_top1/l2"}}
+    state = tmp_path / "runs" / "sweeps" / "resume"
+    state.mkdir(parents=True)
+    from orchestrator.job import job_dict, load_job
+    (state / "definition.json").write_text(json.dumps(job_dict(load_job(write(tmp_path, job)))))
+    changed = {**job, "sweep": {**job["sweep"], "space": {"method.sigma": {"grid": [0.05, 0.2]}}},
+               "optim": {**job["optim"], "epochs": 4}}
+    path = write(tmp_path, changed)
+    assert grafit(["sweep", path, "--storage-path", str(tmp_path / "runs"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: the sweep 'resume' in {tmp_path / 'runs'} was started with another definition" in err
+    assert "optim.epochs: 3 then, 4 now" in err and "sweep.space.method.sigma.grid" in err
+    # what only says where and how wide it runs may change
+    wider = {**job, "sweep": {**job["sweep"], "max_concurrent": 2, "workers": 2}}
+    assert grafit(["sweep", write(tmp_path, wider), "--storage-path", str(tmp_path / "runs"), "--check"]) == 0
