@@ -21,19 +21,13 @@ from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import journal, tracking
 from orchestrator.job import Job, job_dict, job_with
 from orchestrator.prepare import Prepared, format_table, launch, prepare
+from orchestrator.searchers import search_algorithm, tune_space
 from orchestrator.trials import TrialSpec, max_epochs, trial_fn, trial_key
 from orchestrator.workers import storage_uri
 
 # what a rerun may change and still continue the sweep: where and how wide it runs, how it is tracked
 RESUMABLE_CHANGES = ("name", "tracking.", "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker",
                      "sweep.gpus_per_worker", "data.root", "data.num_workers", "data.options.cache_size")
-
-
-def tune_space(job: Job) -> dict:
-    from ray import tune
-    make = {"grid": tune.grid_search, "choice": tune.choice,
-            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
-    return {key: make[kind](values) for key, spec in job.sweep.space.items() for kind, values in spec.items()}
 
 
 def state_dir(job: Job, storage_path: str) -> str:
@@ -149,8 +143,8 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec),
                                     {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
-                       tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=sw.num_samples,
-                                                   max_concurrent_trials=sw.max_concurrent),
+                       tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_algorithm(job),
+                                                   num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
                        run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name))
     return tuner.fit()
 

@@ -74,7 +74,7 @@ def test_no_import_circle_in_either_package():
 
 
 # orchestrator/, bottom to top, as the README's code layout lists it
-LAYERS = ["job", "tracking", "journal", "figures", "workers", "prepare", "train", "trials", "sweep", "matrix", "submit",
+LAYERS = ["job", "tracking", "journal", "figures", "workers", "prepare", "train", "trials", "searchers", "sweep", "matrix", "submit",
           "search", "report", "tools", "cli"]
 
 
