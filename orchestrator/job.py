@@ -25,8 +25,11 @@ class SweepConfig:
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = 1                     # ASHA: epochs before a trial can be stopped
-    search: Literal["random"] = "random"      # Tune's grid + random variant generator
-    num_samples: int = 1                      # repeats of the grid (random draws for distributions)
+    search: Literal["random", "tpe"] = "random"   # random: Tune's grid + random variant generator;
+                                              # tpe: Optuna's TPE (no grid), seeded with the job's seed
+    num_samples: int = 1                      # random: repeats of the grid (random draws for distributions);
+                                              # tpe: configurations
+    seeds: int = 1                            # replicates of each configuration, seeds seed, seed + 1, ...
     max_concurrent: int = 1
     workers: int = 1                          # Ray Train workers per trial
     cpus_per_worker: float = 1.0
@@ -168,9 +171,40 @@ def check_sweep(job: Job) -> None:
         for value in values:
             check_value(where, key, value)
     for key, value, low in (("sweep.num_samples", sw.num_samples, 1), ("sweep.max_concurrent", sw.max_concurrent, 1),
-                            ("sweep.workers", sw.workers, 1), ("sweep.grace_period", sw.grace_period, 1)):
+                            ("sweep.workers", sw.workers, 1), ("sweep.grace_period", sw.grace_period, 1),
+                            ("sweep.seeds", sw.seeds, 1)):
         if value < low:
             bad(key, f"must be >= {low}, got {value}")
+    check_search(job, bad)
+
+
+def check_search(job: Job, bad) -> None:
+    """What Optuna's TPE and replicates (sweep.seeds) can take, said before Ray starts."""
+    sw = job.sweep
+    if "seed" in sw.space and (sw.search == "tpe" or sw.seeds > 1):
+        bad("sweep.space.seed", "replicates come from sweep.seeds (seeds seed, seed + 1, ...): remove seed from the "
+                                "space" + (" (TPE would treat the seed as a parameter to tune)" if sw.search == "tpe"
+                                           else ""))
+    if sw.seeds > 1 and sw.scheduler == "asha":
+        # Tune's Repeater advises against an early-stopping scheduler: ASHA would stop some replicates
+        # of a configuration and not others, so its mean over seeds would be over the lucky ones
+        bad("sweep.seeds", f"{sw.seeds} replicates need scheduler: fifo (ASHA stops replicates one by one)")
+    if sw.search != "tpe":
+        return
+    for key, spec in sw.space.items():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid":
+            bad(f"sweep.space.{key}.grid", "search: tpe samples, it cannot enumerate a grid (Optuna refuses one): "
+                                           "use choice: [...] or uniform/loguniform: [low, high], or search: random")
+        if kind == "choice" and not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+            bad(f"sweep.space.{key}.choice", f"search: tpe takes choices of None, bool, int, float or str, got {values!r}")
+    if not sw.space:
+        bad("sweep.space", "search: tpe needs at least one parameter to sample (choice, uniform or loguniform)")
+
+
+def objective_metric(levels: list[str]) -> str:
+    """A sweep's objective (TPE's target, the best trial): final kNN top-1 at the finest test level, higher is better."""
+    return f"knn_top1/{levels[-1]}"
 
 
 def matrix_sweep(job: Job, levels: list[str]) -> Job:

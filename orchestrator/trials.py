@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -18,7 +19,7 @@ from grafit_core.config import to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL
 from grafit_core.methods import get_method
 from orchestrator import journal
-from orchestrator.job import Job, job_from_dict, job_with
+from orchestrator.job import Job, job_from_dict, job_with, objective_metric
 from orchestrator.workers import latest_checkpoint, run_training, tracked_training
 
 RESULT = "trial.json"                         # the reports of a finished trial, in order
@@ -75,30 +76,36 @@ def epochs_done(folder: str) -> list[dict]:
 def trial_fn(params: dict, spec: TrialSpec) -> None:
     """One Tune trial: replay what is stored, train what is not, report the final metrics."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    objective = objective_metric(spec.test_levels)
+
+    def report(metrics: dict) -> None:
+        # every report carries the sweep's objective, NaN until the final report: Tune refuses a
+        # result without its searcher's metric (sweep.search: tpe), and TPE reads only the final one
+        tune.report({objective: math.nan, **metrics})
 
     job = job_with(job_from_dict(spec.job, spec.source), params)
     cfg, sw, key = job.config, job.sweep, trial_key(job)
     folder = trial_dir(spec, key)
     done = stored_reports(folder)
     if done is not None:                        # finished before the sweep was interrupted
-        for report in done:
-            tune.report(report)
+        for stored in done:
+            report(stored)
         return
     if cfg.data.train_level == NONE_LEVEL and not get_method(cfg.method.name).label_free(cfg):
         # nothing to learn without labels: no workers, no run, a blank cell (the scheduler's
         # metric must still be present in the report)
         final = {sw.metric: float("nan"), "trained": 0, "skipped": 1, "trial_key": key}
         store_reports(folder, [final])
-        tune.report(final)
+        report(final)
         return
-    for report in epochs_done(folder):          # ASHA sees the epochs trained before the interruption
-        tune.report(report)
+    for epoch in epochs_done(folder):           # ASHA sees the epochs trained before the interruption
+        report(epoch)
     result = tracked_training(
         job, uri=spec.uri, run_name=f"{spec.name}/{run_label(params)}", fingerprint=spec.fingerprint,
         parent_run_id=spec.parent_run_id, tags={"grafit.trial_key": key}, workers=sw.workers,
         cpus_per_worker=sw.cpus_per_worker, gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path,
-        name=f"{spec.name}-{key}", max_failures=spec.max_failures, callbacks=[TuneReportCallback()],
+        name=f"{spec.name}-{key}", max_failures=spec.max_failures, callbacks=[objective_reporter(objective)],
         on_step=spec.on_step, wait_s=10.0)      # a server that is away: the sweep's end replays, not each trial
     if result.error is not None:
         raise result.error                      # Tune marks the trial failed; the sweep goes on
@@ -107,11 +114,23 @@ def trial_fn(params: dict, spec: TrialSpec) -> None:
         final["metrics"].update(finetune_cells(job, result, spec, key))
     # the final report comes after the last epoch's: its epoch is ASHA's max_t, so a surviving
     # trial is never stopped before its evaluation and MLflow logging are done
-    report = {**(final["history"][-1] if final["history"] else {}), **({} if final["skipped"] else final["metrics"]),
-              "epoch": max_epochs(job) + 1, "mlflow_run_id": result.run_id, "trained": 0 if final["skipped"] else 1,
-              "trial_key": key, "checkpoint_dir": result.checkpoint.path if result.checkpoint else ""}
-    store_reports(folder, [*final["history"], report])
-    tune.report(report)
+    last = {**(final["history"][-1] if final["history"] else {}), **({} if final["skipped"] else final["metrics"]),
+            "epoch": max_epochs(job) + 1, "mlflow_run_id": result.run_id, "trained": 0 if final["skipped"] else 1,
+            "trial_key": key, "checkpoint_dir": result.checkpoint.path if result.checkpoint else ""}
+    store_reports(folder, [*final["history"], last])
+    report(last)
+
+
+def objective_reporter(objective: str):
+    """Ray Train's TuneReportCallback (rank 0's per-epoch metrics to Tune), each report carrying the
+    sweep's objective as NaN (the per-epoch metrics have only its online estimate)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class WithObjective(TuneReportCallback):   # sent to Train's controller by cloudpickle, local class included
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [{objective: math.nan, **metrics[0]}, *metrics[1:]], checkpoint)
+
+    return WithObjective()
 
 
 def run_label(params: dict) -> str:
