@@ -28,6 +28,7 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ap_kernel.c")
 # -ffp-contract=off: no fused multiply-add, so items and thresholds take the same float ops
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
 _lock = threading.Lock()
+RANGES = 4
 _state = {}
 
 
@@ -91,12 +92,13 @@ def _pool(threads):
 
 
 def _split_rows(fn, q, *args):
-    """fn(row0, row1, *args) over row ranges, one per torch thread; ctypes releases the GIL
-    during each call, so the ranges run in parallel."""
+    """fn(row0, row1, *args) over row ranges run by the torch threads; ctypes releases the GIL
+    during each call, so the ranges run in parallel. RANGES per thread, taken as threads free up:
+    on a shared machine one descheduled thread does not hold the others up by a half."""
     pool_size = max(1, torch.get_num_threads())
-    threads = min(pool_size, max(q, 1))
-    bounds = [q * t // threads for t in range(threads + 1)]
-    calls = [(bounds[t], bounds[t + 1], *args) for t in range(threads) if bounds[t] < bounds[t + 1]]
+    parts = min(pool_size * RANGES if pool_size > 1 else 1, max(q, 1))
+    bounds = [q * t // parts for t in range(parts + 1)]
+    calls = [(bounds[t], bounds[t + 1], *args) for t in range(parts) if bounds[t] < bounds[t + 1]]
     codes = list(_pool(pool_size).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
     if any(codes):
         why = {1: "out of memory", 2: "k larger than the row", 3: "a row too long"}.get(max(codes), "unknown")
