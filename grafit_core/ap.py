@@ -90,7 +90,8 @@ def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budg
     n_rel, col_start = counts.sum(dim=0), counts[:ctx.rank if sharded else 0].sum(dim=0)
     groups = _row_groups(n_rel.tolist(), budget // (FUSED_PAIR_BYTES if fused else PAIR_BYTES))
     return torch.cat([_group_ap(scores[a:b], query_labels[a:b], index, n_rel[a:b], col_start[a:b],
-                                ctx if sharded else None, ws, fused, None if shift is None else (shift[0][a:b], shift[1]))
+                                ctx if sharded else None, ws, fused,
+                                None if shift is None else (shift[0][a:b], shift[1]))
                       for a, b in groups] or [torch.empty(0, dtype=torch.float64)])
 
 

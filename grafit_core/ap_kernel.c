@@ -2,7 +2,7 @@
  * path is the reference): gather each row's relevant scores, count the items at or above each of
  * them in one fused pass over the scores, and AP from those counts. Built and loaded by
  * grafit_core/ap_kernel.py (plain C, no Python or torch headers). Every function takes a range of
- * rows [row0, row1): Python runs one range per thread.
+ * rows [row0, row1): Python runs a few ranges per thread.
  *
  * Counting: per row i, thr[i, :] holds the row's relevant scores sorted ascending, +inf/NaN pads
  * last. An item's score s (plus, for eq. 5's conditioned ranking, logits[i, coarse[item]], the

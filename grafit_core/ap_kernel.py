@@ -28,8 +28,8 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ap_kernel.c")
 # -ffp-contract=off: no fused multiply-add, so items and thresholds take the same float ops
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
 _lock = threading.Lock()
-RANGES = 4
 _state = {}
+RANGES = 4          # row ranges per thread (_split_rows)
 
 
 def _build():
