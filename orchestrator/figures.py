@@ -1,7 +1,9 @@
-"""Figures logged to MLflow: coarse-to-fine heatmaps and the paper's Fig. 3-style lines."""
+"""Figures logged to MLflow: coarse-to-fine heatmaps, the paper's Fig. 3-style lines, a sweep's
+parameter effects; `save` / `log_item` write them (and CSV text) as run artifacts."""
 from __future__ import annotations
 
 import math
+import os
 
 import matplotlib
 
@@ -87,3 +89,36 @@ def tsne_map(embeddings, labels, names: list[str], title: str, seed: int = 0):
         ax.legend(fontsize=6, markerscale=1.5, loc="best")
     fig.tight_layout()
     return fig
+
+
+def param_effect(values: list, means: list[float], stds: list[float], param: str, metric: str):
+    """A sweep's metric (mean ± std over replicates, %) against one swept parameter's values."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    x = list(range(len(values)))
+    ax.errorbar(x, [100 * m for m in means], yerr=[100 * s for s in stds], fmt="o-", capsize=4)
+    ax.set_xticks(x, [str(v) for v in values])
+    ax.set_xlabel(param)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save(item, path: str) -> str:
+    """CSV/Markdown text or a figure to path, atomically (a killed writer never leaves half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(item, str):
+        with open(tmp, "w") as f:
+            f.write(item)
+    else:
+        item.savefig(tmp, format="png", dpi=120)
+        plt.close(item)
+    os.replace(tmp, path)
+    return path
+
+
+def log_item(log, item, name: str, folder: str | None = None) -> None:
+    """Save beside a run's journal and send it through it: figures under figures/, text under folder."""
+    folder = folder or ("figures" if name.endswith(".png") else "matrices")
+    log.log_artifact(save(item, os.path.join(os.path.dirname(log.path), folder, name)), folder)

@@ -120,10 +120,10 @@ class Journal:
             os.fsync(f.fileno())
         self.queue.put(rec)
 
-    def log_metrics(self, metrics: dict, step: int, epoch: bool = False) -> None:
+    def log_metrics(self, metrics: dict, step: int, epoch: bool = False, run_id: str | None = None) -> None:
         """epoch=True marks a per-epoch record: a restarted worker logs each epoch once."""
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
-        self.record("metrics", metrics=clean, step=int(step), time=int(time.time() * 1000), epoch=epoch)
+        self.record("metrics", run_id, metrics=clean, step=int(step), time=int(time.time() * 1000), epoch=epoch)
 
     def epochs_logged(self) -> int:
         """The last epoch this journal holds (sent or not): 0 for a fresh one."""

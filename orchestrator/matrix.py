@@ -67,33 +67,13 @@ def artifacts(matrices: dict, train_levels: list[str], test_levels: list[str]):
             yield f"levels_{metric}.png", figures.level_lines(per_method, train_levels, test_levels[-1], metric)
 
 
-def save(item, path: str) -> str:
-    """CSV text or a figure to path, atomically (a killed writer never leaves half a file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    if isinstance(item, str):
-        with open(tmp, "w") as f:
-            f.write(item)
-    else:
-        item.savefig(tmp, format="png", dpi=120)
-        figures.plt.close(item)
-    os.replace(tmp, path)
-    return path
-
-
-def log_item(log: Journal, item, name: str) -> None:
-    """Save beside the parent's journal and send it: CSVs under matrices/, figures under figures/."""
-    folder = "matrices" if name.endswith(".csv") else "figures"
-    log.log_artifact(save(item, os.path.join(os.path.dirname(log.path), folder, name)), folder)
-
-
 def log_matrices(log: Journal, matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
     """Everything the parent run shows: metrics, JSON, CSVs, heatmaps, Fig. 3 lines."""
     log.log_metrics(flat_metrics(matrices), step=0)
     log.log_dict({"train_levels": train_levels, "test_levels": test_levels, "matrices": matrices},
                  "matrices/matrices.json")
     for name, item in artifacts(matrices, train_levels, test_levels):
-        log_item(log, item, name)
+        figures.log_item(log, item, name)
 
 
 def print_matrices(matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
@@ -151,9 +131,9 @@ def example_figures(log: Journal, grid, train, query, train_levels: list[str], t
             members = np.nonzero(train.labels_at(level) == 0)[0]
             fig = figures.tsne_map(bank[members].numpy(), fine_train[members].tolist(), train.hierarchy.classes[fine],
                                    f"{ours} trained on {level}: {train.hierarchy.classes[level][0]} by {fine}")
-            log_item(log, fig, "tsne.png")
+            figures.log_item(log, fig, "tsne.png")
     rows = [r for pair in zip(rows[:n_queries], rows[n_queries:]) for r in pair]   # baseline above ours
-    log_item(log, figures.retrieval_grid(rows), "retrieval_grid.png")
+    figures.log_item(log, figures.retrieval_grid(rows), "retrieval_grid.png")
 
 
 def cmd_matrix(args) -> int:
@@ -175,6 +155,6 @@ def cmd_matrix(args) -> int:
 
     grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures, after=after)
     print_matrices(matrices, train_levels, levels)
-    print(f"\nMLflow parent run {parent} (matrices, heatmaps, one child run per cell) in {tracking.tracking_uri()}")
-    print("open it with: .venv/bin/grafit ui   (then http://127.0.0.1:5000)")
+    print("\n" + tracking.where(tracking.tracking_uri(), parent, "parent run (matrices, heatmaps, one child run per "
+                                                            "cell)", experiment=True))
     return 0 if grid.num_errors == 0 else 1

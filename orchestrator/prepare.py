@@ -159,6 +159,12 @@ def connect_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """The same table in Markdown (MLflow renders a run's description as Markdown)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "-")) for c in columns) + " |" for r in rows])
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain fixed-width table; numbers as percentages like the paper's tables."""
     def cell(v):

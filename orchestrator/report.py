@@ -9,7 +9,7 @@ import json
 import os
 
 from grafit_core.errors import GrafitError
-from orchestrator import matrix, tracking
+from orchestrator import figures, matrix, tracking
 
 
 def resolve_run(uri: str, ref: str):
@@ -54,7 +54,7 @@ def _matrix_report(c, rid: str, out_dir: str) -> list[str]:
     data = json.load(open(c.download_artifacts(rid, "matrices/matrices.json", out_dir)))
     train_levels, test_levels, matrices = data["train_levels"], data["test_levels"], data["matrices"]
     matrix.print_matrices(matrices, train_levels, test_levels)
-    written = [matrix.save(item, os.path.join(out_dir, name))
+    written = [figures.save(item, os.path.join(out_dir, name))
                for name, item in matrix.artifacts(matrices, train_levels, test_levels)]
     print(f"\nfigures and CSVs written to {out_dir}")
     return written

@@ -9,20 +9,23 @@ everything the driver writes goes through the parent's journal (orchestrator.jou
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass, field
 from typing import Callable
 
 from grafit_core.config import flatten_dict
 from grafit_core.errors import ConfigError, GrafitError
-from orchestrator import journal, tracking
+from orchestrator import figures, journal, tracking
 from orchestrator.job import Job, job_dict, job_with
-from orchestrator.prepare import Prepared, format_table, launch, prepare
+from orchestrator.prepare import Prepared, format_table, launch, markdown_table, prepare
 from orchestrator.searchers import search_algorithm, tune_space
-from orchestrator.trials import TrialSpec, max_epochs, trial_fn, trial_key
+from orchestrator.trials import TrialSpec, max_epochs, run_label, trial_fn, trial_key
 from orchestrator.workers import storage_uri
 
 # what a rerun may change and still continue the sweep: where and how wide it runs, how it is tracked
@@ -41,7 +44,6 @@ def check_definition(job: Job, storage_path: str) -> None:
     path = os.path.join(state_dir(job, storage_path), "definition.json")
     if "://" in path or not os.path.exists(path):
         return
-    import json
     saved, now = json.load(open(path)), job_dict(job)
     keep = lambda d: {k: v for k, v in flatten_dict(d).items()          # noqa: E731
                       if not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)}
@@ -53,7 +55,6 @@ def check_definition(job: Job, storage_path: str) -> None:
 
 
 def save_definition(job: Job, storage_path: str) -> None:
-    import json
     folder = state_dir(job, storage_path)
     if "://" in folder or os.path.exists(os.path.join(folder, "definition.json")):
         return
@@ -100,7 +101,9 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
                               f"the sweep's trials are done (their records wait in their journals, "
                               f"<storage>/trials/*/mlflow_journal: grafit sync), its parent run {parent} stays open")
         journal.replay_all(os.path.join(storage_path, "trials"), wait_s)
-        record_best(log, grid, f"knn_top1/{prep.levels[-1]}")
+        confs, objective = configurations(grid), f"knn_top1/{prep.levels[-1]}"
+        record_best(log, job, confs, objective)
+        describe(log, job, confs, objective, summary_keys(prep.levels))
         if after is not None:
             after(grid, log)
         ok = grid.num_errors < len(grid)
@@ -142,9 +145,13 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
         shutil.rmtree(tune_dir)                # Tune's state of an earlier driver: the trial keys resume, not it
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec),
                                     {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
+    from orchestrator.job import objective_metric
+    from orchestrator.searchers import num_trials
+    # TPE is told the objective at each trial's end (the mean over its replicates); ASHA reads sw.metric per epoch
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
-                       tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_algorithm(job),
-                                                   num_samples=sw.num_samples, max_concurrent_trials=sw.max_concurrent),
+                       tune_config=tune.TuneConfig(scheduler=scheduler,
+                                                   search_alg=search_algorithm(job, objective_metric(spec.test_levels)),
+                                                   num_samples=num_trials(job), max_concurrent_trials=sw.max_concurrent),
                        run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name))
     return tuner.fit()
 
@@ -160,14 +167,76 @@ def close_children(log: journal.Journal, job: Job, grid) -> None:
         log.end("FAILED" if run.data.tags.get("grafit.trial_key") in failed else "KILLED", run_id=run.info.run_id)
 
 
-def record_best(log: journal.Journal, grid, final: str) -> None:
-    """The best trial by final kNN top-1 at the finest test level (higher is better)."""
-    rows = [r for r in grid if r.error is None and r.metrics and final in r.metrics]
-    if not rows:
+REPLICATE_KEYS = ("seed", "__trial_index__")     # what replicates of one configuration differ in
+
+
+@dataclass
+class Configuration:
+    """The finished replicates of one configuration (trials that differ only in their seed)."""
+    params: dict                              # the sampled values, seed excluded
+    trials: list                              # Tune results
+    mean: dict = field(default_factory=dict)  # every numeric final metric: mean over replicates
+    std: dict = field(default_factory=dict)   # sample standard deviation (0 for one replicate)
+
+
+def configurations(grid) -> list[Configuration]:
+    groups: dict[str, Configuration] = {}
+    for r in grid:
+        if r.error is None and r.metrics and r.metrics.get("trained"):
+            params = {k: v for k, v in r.config.items() if k not in REPLICATE_KEYS}
+            groups.setdefault(json.dumps(params, sort_keys=True, default=str), Configuration(params, [])).trials.append(r)
+    for conf in groups.values():
+        keys = {k for r in conf.trials for k, v in r.metrics.items() if "/" in k and isinstance(v, (int, float))}
+        for k in sorted(keys):
+            vals = [r.metrics[k] for r in conf.trials if not math.isnan(r.metrics.get(k, math.nan))]
+            if vals:
+                conf.mean[k] = statistics.mean(vals)
+                conf.std[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return list(groups.values())
+
+
+def best_configuration(confs: list[Configuration], objective: str) -> Configuration | None:
+    """The sweep's one definition of best: the highest mean over replicates of the final objective."""
+    scored = [c for c in confs if objective in c.mean]
+    return max(scored, key=lambda c: c.mean[objective]) if scored else None
+
+
+def has_replicates(job: Job) -> bool:
+    return "seed" in job.sweep.space or getattr(job.sweep, "seeds", 1) > 1
+
+
+def log_aggregates(log: journal.Journal, job: Job, confs: list[Configuration]) -> dict[int, str]:
+    """One aggregate run per configuration, nested under the parent (tag grafit.kind = aggregate):
+    params = the configuration without the seed, `seeds`, each final metric's mean under its own
+    name and `<metric>/std`. A rerun updates the same runs. Returns {id(configuration): run id}."""
+    c = tracking.client(log.uri)
+    experiment = c.get_run(log.run_id).info.experiment_id
+    out = {}
+    for conf in confs:
+        key = hashlib.sha256(json.dumps(conf.params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        found = c.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{log.run_id}' and "
+                                                          f"tags.`grafit.aggregate_key` = '{key}'")
+        params = job_dict(job_with(job, conf.params))
+        params.pop("seed")
+        run_id = found[0].info.run_id if found else tracking.start_run(
+            log.uri, job.experiment, f"{job.config.name}/mean {run_label(conf.params)}", params,
+            {"grafit.kind": "aggregate", "grafit.aggregate_key": key}, log.run_id)
+        log.log_metrics({"seeds": len(conf.trials), **conf.mean, **{f"{k}/std": v for k, v in conf.std.items()}},
+                        step=0, run_id=run_id)
+        log.end(True, run_id=run_id)
+        out[id(conf)] = run_id
+    return out
+
+
+def record_best(log: journal.Journal, job: Job, confs: list[Configuration], objective: str) -> None:
+    """best.run_id: the aggregate run of the best configuration (with replicates), else its trial's run."""
+    aggregate = log_aggregates(log, job, confs) if has_replicates(job) else {}
+    best = best_configuration(confs, objective)
+    if best is None:
         return
-    best = max(rows, key=lambda r: r.metrics[final])
-    log.set_tags({"best.run_id": best.metrics["mlflow_run_id"], "best.config": str(dict(best.config))})
-    log.log_metrics({f"best/{k}": v for k, v in best.metrics.items() if "/" in k}, step=0)
+    log.set_tags({"best.run_id": aggregate.get(id(best), best.trials[0].metrics["mlflow_run_id"]),
+                  "best.config": str(best.params), "best.objective": f"{objective} (mean over replicates)"})
+    log.log_metrics({f"best/{k}": v for k, v in best.mean.items()}, step=0)
 
 
 def trial_table(job: Job, grid, params: list[str], keys: list[str]) -> list[dict]:
@@ -185,22 +254,48 @@ def trial_table(job: Job, grid, params: list[str], keys: list[str]) -> list[dict
     return rows
 
 
-def over_seeds(rows: list[dict], params: list[str], keys: list[str]) -> list[dict]:
-    """Mean ± std of each metric over trials that differ only in `seed`."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        if row["status"] == "ok":
-            groups.setdefault(tuple(str(row[p]) for p in params if p != "seed"), []).append(row)
-    out = []
-    for group_key, members in groups.items():
-        row = dict(zip([p for p in params if p != "seed"], group_key), seeds=len(members))
-        for k in keys:
-            vals = [m[k] for m in members if isinstance(m[k], float) and not math.isnan(m[k])]
-            if vals:
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                row[k] = f"{100 * statistics.mean(vals):.1f} ± {100 * sd:.1f}"
-        out.append(row)
-    return out
+NOTE_LIMIT = 8000                             # characters MLflow keeps in a run's description
+
+
+def summary_keys(levels: list[str]) -> list[str]:
+    return [f"{m}/{lv}" for lv in levels for m in ("knn_top1", "map_cosine", "map_cond")]
+
+
+def describe(log: journal.Journal, job: Job, confs: list[Configuration], objective: str, keys: list[str]) -> None:
+    """The parent run shows the sweep: its description is the configurations' table (mean ± std over
+    replicates, best first), the full table an artifact, one figure per swept parameter."""
+    confs = sorted(confs, key=lambda c: -c.mean.get(objective, -math.inf))
+    params = [p for p in job.sweep.space if p not in REPLICATE_KEYS]
+    table = markdown_table(configuration_table(confs, keys), [*params, "seeds", *keys])
+    note = f"**{job.config.name}**: {len(confs)} configurations, best first by the mean {objective} (%).\n\n{table}"
+    if len(note) > NOTE_LIMIT:
+        note = note[:NOTE_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut: the full table is sweep/configurations.md)"
+    log.set_tags({"mlflow.note.content": note})
+    figures.log_item(log, table + "\n", "configurations.md", folder="sweep")
+    for param in params:                      # marginal over the other parameters, all replicates pooled
+        by_value: dict[str, list[float]] = {}
+        for c in confs:
+            by_value.setdefault(str(c.params.get(param)), []).extend(
+                r.metrics[objective] for r in c.trials if not math.isnan(r.metrics.get(objective, math.nan)))
+        values = sorted((v for v in by_value if by_value[v]), key=_sortable)
+        if values:
+            stats = [(statistics.mean(by_value[v]), statistics.stdev(by_value[v]) if len(by_value[v]) > 1 else 0.0)
+                     for v in values]
+            figures.log_item(log, figures.param_effect(values, [m for m, _ in stats], [s for _, s in stats], param,
+                                                       objective), f"param_{param}.png")
+
+
+def _sortable(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def configuration_table(confs: list[Configuration], keys: list[str]) -> list[dict]:
+    """One row per configuration: its values, its replicates, mean ± std of each metric (%)."""
+    return [{**{k: str(v) for k, v in c.params.items()}, "seeds": len(c.trials),
+             **{k: f"{100 * c.mean[k]:.1f} ± {100 * c.std[k]:.1f}" for k in keys if k in c.mean}} for c in confs]
 
 
 def cmd_sweep(args) -> int:
@@ -211,12 +306,17 @@ def cmd_sweep(args) -> int:
         return 0
     grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures)
     params = list(prep.job.sweep.space)
-    keys = [f"{m}/{lv}" for lv in prep.levels for m in ("knn_top1", "map_cosine", "map_cond")]
+    keys = summary_keys(prep.levels)
     rows = trial_table(prep.job, grid, params, keys)
     print(f"\n== sweep {prep.job.config.name}: {len(rows)} trials, {grid.num_errors} failed ==")
     print(format_table(rows, ["trial", "status", *params, *keys]))
-    if "seed" in params:
+    confs, objective = configurations(grid), f"knn_top1/{prep.levels[-1]}"
+    if has_replicates(prep.job):
         print("\n== mean ± std over seeds ==")
-        print(format_table(over_seeds(rows, params, keys), [p for p in params if p != "seed"] + ["seeds", *keys]))
-    print(f"\nMLflow parent run {parent} in {tracking.tracking_uri()}; compare the trials with: grafit ui")
+        print(format_table(configuration_table(confs, keys), [p for p in params if p != "seed"] + ["seeds", *keys]))
+    best = best_configuration(confs, objective)
+    if best is not None:
+        print(f"\nbest (highest mean {objective} over {len(best.trials)} replicate(s)): {best.params}: "
+              f"{100 * best.mean[objective]:.1f} ± {100 * best.std[objective]:.1f}")
+    print("\n" + tracking.where(tracking.tracking_uri(), parent, "parent run", experiment=True))
     return 0 if grid.num_errors < len(rows) else 1

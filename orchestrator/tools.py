@@ -87,7 +87,8 @@ def cmd_ui(args) -> int:
     """Start the MLflow UI on 127.0.0.1 over the project's tracking store."""
     from orchestrator import tracking
     uri = args.backend_store_uri or tracking.tracking_uri()
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/#/?workflowType=machine_learning "
+          f"(Ctrl-C to stop)", flush=True)
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
 

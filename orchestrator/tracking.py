@@ -62,7 +62,29 @@ def artifact_root(uri: str) -> str | None:
 def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_root(uri))
+    if exp is None:                       # the UI shows a "custom model development" experiment's runs table
+        return c.create_experiment(name, artifact_location=artifact_root(uri), tags={EXPERIMENT_KIND: MODEL_TRAINING})
+    if exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    return exp.experiment_id
+
+
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+LOCAL_UI = "http://127.0.0.1:5000"            # where `grafit ui` serves a local store
+
+
+def ui_link(uri: str, run_id: str, experiment: bool = False) -> str:
+    """The run (or its experiment's runs table) in MLflow's model-training view: MLflow 3.17's UI
+    takes the view from the URL, else from the browser's last choice, else opens the GenAI view."""
+    exp = client(uri).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{exp}{'' if experiment else f'/runs/{run_id}'}?workflowType=machine_learning"
+
+
+def where(uri: str, run_id: str, what: str, experiment: bool = False) -> str:
+    """The last line a command prints: where its run is and the link that opens it."""
+    start = "" if uri.startswith(("http://", "https://")) else " (start the UI first: .venv/bin/grafit ui)"
+    return f"MLflow {what} {run_id} in {uri}; open: {ui_link(uri, run_id, experiment)}{start}"
 
 
 def flatten(d: dict) -> dict:

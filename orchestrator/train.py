@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
                 for lv in prep.levels]
         print(format_table(rows, ["test level", *METRIC_COLUMNS]))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
-    print(f"MLflow run {result.run_id} in {tracking.tracking_uri()}; compare runs with: grafit ui")
+    print(tracking.where(tracking.tracking_uri(), result.run_id, "run"))
     return 0
 
 
@@ -88,5 +88,5 @@ def cmd_finetune(args) -> int:
     print(f"\n== {args.name or cfg.name + '-finetune'}: {cfg.finetune.checkpoint or f'a random {cfg.model.trunk}'} "
           f"fine-tuned on {level} ({cfg.finetune.head} head, {cfg.finetune.epochs} epochs) ==")
     print(f"top-1 {100 * m[f'finetune_top1/{level}']:.1f}   top-5 {100 * m[f'finetune_top5/{level}']:.1f}")
-    print(f"MLflow run {result.run_id} in {tracking.tracking_uri()}")
+    print(tracking.where(tracking.tracking_uri(), result.run_id, "run"))
     return 0

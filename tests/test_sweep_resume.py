@@ -1,4 +1,5 @@
-"""Sweeps survive their driver: a rerun of the same command continues the sweep (issue 15)."""
+"""Sweeps survive their driver (a rerun of the same command continues the sweep) and rank
+configurations by the mean over their replicates (issue 15)."""
 import glob
 import os
 import signal
@@ -142,3 +143,51 @@ def test_a_changed_sweep_definition_is_refused_naming_the_keys(tmp_path, capsys)
     # what only says where and how wide it runs may change
     wider = {**job, "sweep": {**job["sweep"], "max_concurrent": 2, "workers": 2}}
     assert grafit(["sweep", write(tmp_path, wider), "--storage-path", str(tmp_path / "runs"), "--check"]) == 0
+
+
+@pytest.mark.timeout(900)
+def test_replicates_are_aggregated_and_the_best_is_chosen_by_their_mean(tmp_path, monkeypatch, capsys):
+    import statistics
+    import ray
+    from orchestrator.cli import main as grafit
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    job = {**BASE, "optim": {"epochs": 1, "batch_size": 16},
+           "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.5]}, "seed": {"grid": [0, 1, 2]}},
+                     "scheduler": "fifo"}}
+    try:
+        assert grafit(["sweep", write(tmp_path, job), "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2"]) == 0
+    finally:
+        ray.shutdown()
+    c, runs, (parent,), children = runs_of(uri, "resume")
+    aggregates = [r for r in children if r.data.tags.get("grafit.kind") == "aggregate"]
+    trials = [r for r in children if "grafit.trial_key" in r.data.tags]
+    assert len(aggregates) == 2 and len(trials) == 6 and len(children) == 8
+    means = {}
+    for agg in aggregates:
+        sigma = agg.data.params["method.sigma"]
+        assert "seed" not in agg.data.params and agg.info.status == "FINISHED"
+        mine = [r for r in trials if r.data.params["method.sigma"] == sigma]
+        assert sorted(r.data.params["seed"] for r in mine) == ["0", "1", "2"] and agg.data.metrics["seeds"] == 3
+        for key in ("knn_top1/l2", "map_cosine/l2", "map_cond/l1", "knn_top1/l0"):
+            values = [r.data.metrics[key] for r in mine]
+            assert agg.data.metrics[key] == pytest.approx(statistics.mean(values), abs=1e-9), key
+            assert agg.data.metrics[f"{key}/std"] == pytest.approx(statistics.stdev(values), abs=1e-9), key
+        means[agg.info.run_id] = agg.data.metrics["knn_top1/l2"]
+    assert parent.data.tags["best.run_id"] == max(means, key=means.get)
+    assert parent.data.metrics["best/knn_top1/l2"] == pytest.approx(max(means.values()), abs=1e-9)
+    out = capsys.readouterr().out
+    assert "best (highest mean knn_top1/l2 over 3 replicate(s))" in out and f"{100 * max(means.values()):.1f} ±" in out
+    # what the UI shows: the model-training view, the table in the description, one figure per parameter
+    exp = c.get_experiment_by_name("resume")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{exp.experiment_id}?workflowType=machine_learning" in out
+    note = parent.data.tags["mlflow.note.content"]
+    best = max(aggregates, key=lambda r: r.data.metrics["knn_top1/l2"])
+    lines = note.splitlines()
+    first_row = lines[next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1]   # best first
+    assert first_row.startswith(f"| {best.data.params['method.sigma']} | 3 | ")
+    assert f"{100 * best.data.metrics['knn_top1/l2']:.1f} ± {100 * best.data.metrics['knn_top1/l2/std']:.1f}" in first_row
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "sweep")} | \
+        {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
+    assert {"sweep/configurations.md", "figures/param_method.sigma.png"} <= artifacts

@@ -1,6 +1,7 @@
 """The MLflow UI really shows a matrix run: a real tiny `grafit matrix`, `grafit ui` on 127.0.0.1,
 the run's artifact page rendered by headless Chromium, the heatmap asserted from the DOM."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -55,6 +56,8 @@ def test_mlflow_ui_shows_the_matrix_heatmap(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "== knn_top1 (%) of grafit" in run.stdout and "grafit ui" in run.stdout
+    link = run.stdout.split("open: ")[-1].split()[0]      # the link the command printed
+    assert link.endswith("?workflowType=machine_learning"), link
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -81,6 +84,15 @@ def test_mlflow_ui_shows_the_matrix_heatmap(tmp_path):
         subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", page],
                        capture_output=True, timeout=120)
         assert shot.exists() and shot.stat().st_size > 10_000
+        # the printed link, in a browser that never chose a view: the experiment's runs table
+        fresh = tmp_path / "fresh-profile"
+        dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={fresh}", "--dump-dom",
+                              link.replace("127.0.0.1:5000", f"127.0.0.1:{port}")],
+                             capture_output=True, text=True, timeout=120).stdout
+        text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())   # what the page reads
+        total = len(client.search_runs([exp.experiment_id]))  # the parent and its cells (collapsed under it)
+        assert "Model training" in text and "Run Name" in text and parent.info.run_name in text, text[-3000:]
+        assert f"{total} matching runs" in text, text[-3000:]
         os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
         shutil.copy(shot, os.path.join(ROOT, "runs", "mlflow_ui_matrix.png"))   # kept for a person to look at
     finally:
