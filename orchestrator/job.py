@@ -19,7 +19,7 @@ from grafit_core.errors import ConfigError, GrafitError
 class SweepConfig:
     """A search over training parameters (Ray Tune) plus a grid of evaluation-only values that
     every trial evaluates from its one set of embeddings (they never retrain)."""
-    space: dict = field(default_factory=dict)      # "method.sigma": {grid|choice: [...]} | {uniform|loguniform: [lo, hi]}
+    space: dict = field(default_factory=dict)      # "method.sigma": {grid|choice: [...]} or {uniform|loguniform: [a,b]}
     eval_grid: dict = field(default_factory=dict)  # "eval.k": [auto, 10, 20] (becomes the core's eval.grid)
     metric: Optional[str] = None              # ASHA's metric; default online_knn_top1/<finest test level>
     mode: Literal["max", "min"] = "max"
@@ -159,13 +159,15 @@ def check_sweep(job: Job) -> None:
         elif (not isinstance(values, list) or len(values) != 2
               or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
               or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0)):
-            bad(f"{where}.{kind}", f"expected [low, high] with low < high{' and low > 0' if kind == 'loguniform' else ''}")
+            bad(f"{where}.{kind}",
+                f"expected [low, high] with low < high{' and low > 0' if kind == 'loguniform' else ''}")
         for value in values:                     # grid values, or the bounds of a distribution
             check_value(f"{where}.{kind}", key, value)
     for key, values in sw.eval_grid.items():
         where = f"sweep.eval_grid.{key}"
         if key not in EVAL_ONLY:
-            bad(where, f"only evaluation-only keys ({', '.join(EVAL_ONLY)}) go here; sweep training keys in sweep.space")
+            bad(where, f"only evaluation-only keys ({', '.join(EVAL_ONLY)}) go here; "
+                       f"sweep training keys in sweep.space")
         if not isinstance(values, list) or not values:
             bad(where, "expected a non-empty list of values")
         for value in values:
@@ -197,13 +199,14 @@ def check_search(job: Job, bad) -> None:
             bad(f"sweep.space.{key}.grid", "search: tpe samples, it cannot enumerate a grid (Optuna refuses one): "
                                            "use choice: [...] or uniform/loguniform: [low, high], or search: random")
         if kind == "choice" and not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
-            bad(f"sweep.space.{key}.choice", f"search: tpe takes choices of None, bool, int, float or str, got {values!r}")
+            bad(f"sweep.space.{key}.choice",
+                f"search: tpe takes choices of None, bool, int, float or str, got {values!r}")
     if not sw.space:
         bad("sweep.space", "search: tpe needs at least one parameter to sample (choice, uniform or loguniform)")
 
 
 def objective_metric(levels: list[str]) -> str:
-    """A sweep's objective (TPE's target, the best trial): final kNN top-1 at the finest test level, higher is better."""
+    """A sweep's objective (TPE's target, the best): final kNN top-1 at the finest test level, higher is better."""
     return f"knn_top1/{levels[-1]}"
 
 

@@ -151,7 +151,8 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
                        tune_config=tune.TuneConfig(scheduler=scheduler,
                                                    search_alg=search_algorithm(job, objective_metric(spec.test_levels)),
-                                                   num_samples=num_trials(job), max_concurrent_trials=sw.max_concurrent),
+                                                   num_samples=num_trials(job),
+                                                   max_concurrent_trials=sw.max_concurrent),
                        run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name))
     return tuner.fit()
 
@@ -184,7 +185,8 @@ def configurations(grid) -> list[Configuration]:
     for r in grid:
         if r.error is None and r.metrics and r.metrics.get("trained"):
             params = {k: v for k, v in r.config.items() if k not in REPLICATE_KEYS}
-            groups.setdefault(json.dumps(params, sort_keys=True, default=str), Configuration(params, [])).trials.append(r)
+            key = json.dumps(params, sort_keys=True, default=str)
+            groups.setdefault(key, Configuration(params, [])).trials.append(r)
     for conf in groups.values():
         keys = {k for r in conf.trials for k, v in r.metrics.items() if "/" in k and isinstance(v, (int, float))}
         for k in sorted(keys):

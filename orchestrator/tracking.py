@@ -145,17 +145,19 @@ def start_run(uri: str, experiment: str, run_name: str, cfg_dict: dict, tags: di
     return run.info.run_id
 
 
-def resumable_run(uri: str, experiment: str, storage_key: str) -> tuple[str | None, int]:
+def resumable_run(uri: str, experiment: str, storage_key: str, finished_too: bool = False) -> tuple[str | None, int]:
     """The unfinished run (RUNNING after a killed driver, FAILED, KILLED) that trained into
     `storage_key` (storage path / run name), and the last epoch it logged: a resumed training
-    continues that run, so its history has no gap and no repeated step."""
+    continues that run, so its history has no gap and no repeated step. finished_too: a FINISHED
+    run too (a sweep's trial is one run, even when its driver died between closing it and
+    recording that it finished)."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return None, 0
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`grafit.storage` = '{storage_key}'",
                          order_by=["attribute.start_time DESC"], max_results=1)
-    if not runs or runs[0].info.status == "FINISHED":
+    if not runs or (runs[0].info.status == "FINISHED" and not finished_too):
         return None, 0
     run_id = runs[0].info.run_id
     steps = [m.step for m in c.get_metric_history(run_id, "epoch")]

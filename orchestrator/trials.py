@@ -106,7 +106,8 @@ def trial_fn(params: dict, spec: TrialSpec) -> None:
         parent_run_id=spec.parent_run_id, tags={"grafit.trial_key": key}, workers=sw.workers,
         cpus_per_worker=sw.cpus_per_worker, gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path,
         name=f"{spec.name}-{key}", max_failures=spec.max_failures, callbacks=[objective_reporter(objective)],
-        on_step=spec.on_step, wait_s=10.0)      # a server that is away: the sweep's end replays, not each trial
+        on_step=spec.on_step, one_run=True,
+        wait_s=10.0)                            # a server that is away: the sweep's end replays, not each trial
     if result.error is not None:
         raise result.error                      # Tune marks the trial failed; the sweep goes on
     final = result.return_value

@@ -187,13 +187,13 @@ def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worke
 
 
 def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, parent_run_id: str | None = None,
-                     tags: dict | None = None, wait_s: float | None = None, **kwargs):
+                     tags: dict | None = None, wait_s: float | None = None, one_run: bool = False, **kwargs):
     """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error.
     Rerunning into the same storage path and name continues its unfinished run."""
     cfg = job.config
     storage_key = f"{storage_uri(kwargs.get('storage_path', 'runs/ray')).rstrip('/')}/{kwargs.get('name') or cfg.name}"
-    run_id, logged = (tracking.resumable_run(uri, job.experiment, storage_key) if latest_checkpoint(storage_key)
-                      else (None, 0))
+    run_id, logged = (tracking.resumable_run(uri, job.experiment, storage_key, finished_too=one_run)
+                      if latest_checkpoint(storage_key) else (None, 0))
     if run_id is None:
         run_id = tracking.start_run(uri, job.experiment, run_name, job_dict(job),
                                     {**tracking.provenance(fingerprint), **(tags or {}), "grafit.storage": storage_key},

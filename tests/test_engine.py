@@ -140,7 +140,8 @@ def test_eval_grid_evaluates_every_value_from_one_training(synthetic, monkeypatc
     fits = []
     real = engine.train_method
     monkeypatch.setattr(engine, "train_method", lambda *a, **k: fits.append(1) or real(*a, **k))
-    grid = config_from_dict({**SMALL, "eval": {**SMALL.get("eval", {}), "grid": {"eval.k": [3, 5, "auto"], "eval.sigma": [0.05, 0.5]}}})
+    variants = {"eval.k": [3, 5, "auto"], "eval.sigma": [0.05, 0.5]}
+    grid = config_from_dict({**SMALL, "eval": {**SMALL.get("eval", {}), "grid": variants}})
     res = fit(grid, train, query, log=lambda s: None)
     assert len(fits) == 1
     for k, sigma in [(3, 0.05), (5, 0.5), ("auto", 0.5)]:

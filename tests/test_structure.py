@@ -74,8 +74,8 @@ def test_no_import_circle_in_either_package():
 
 
 # orchestrator/, bottom to top, as the README's code layout lists it
-LAYERS = ["job", "tracking", "journal", "figures", "workers", "prepare", "train", "trials", "searchers", "sweep", "matrix", "submit",
-          "search", "report", "tools", "cli"]
+LAYERS = ["job", "tracking", "journal", "figures", "workers", "prepare", "train", "trials", "searchers", "sweep",
+          "matrix", "submit", "search", "report", "tools", "cli"]
 
 
 def test_orchestrator_modules_import_only_the_layers_below_them():

@@ -48,7 +48,8 @@ def test_a_killed_sweep_driver_is_continued_by_the_same_command(tmp_path):
     path = write(tmp_path, job)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Tune's own state is saved rarely: the rerun must not depend on it
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "100000"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
+           "TUNE_GLOBAL_CHECKPOINT_S": "100000"}
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", path, "--num-cpus", "2",
            "--storage-path", str(tmp_path / "runs")]
     trials = str(tmp_path / "runs" / "trials")
@@ -187,7 +188,8 @@ def test_replicates_are_aggregated_and_the_best_is_chosen_by_their_mean(tmp_path
     lines = note.splitlines()
     first_row = lines[next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1]   # best first
     assert first_row.startswith(f"| {best.data.params['method.sigma']} | 3 | ")
-    assert f"{100 * best.data.metrics['knn_top1/l2']:.1f} ± {100 * best.data.metrics['knn_top1/l2/std']:.1f}" in first_row
+    m = best.data.metrics
+    assert f"{100 * m['knn_top1/l2']:.1f} ± {100 * m['knn_top1/l2/std']:.1f}" in first_row
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "sweep")} | \
         {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
     assert {"sweep/configurations.md", "figures/param_method.sigma.png"} <= artifacts
