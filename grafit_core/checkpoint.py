@@ -89,8 +89,10 @@ def saved_config(directory: str) -> dict | None:
 
 
 def load_trained(directory: str):
-    """(config, method in eval mode, meta) from a checkpoint directory (f and P for inference)."""
+    """(config, method in eval mode, meta) from a checkpoint directory (f and P for inference);
+    meta["pipeline"] is the Pipeline every consumer applies to image files."""
     from grafit_core.config import config_from_dict
+    from grafit_core.data.pipeline import pipeline_from_meta
     from grafit_core.methods import get_method
     path = os.path.join(directory, "train_state.pt")
     if not os.path.exists(path):
@@ -101,6 +103,7 @@ def load_trained(directory: str):
         raise ValueError(f"{path}: the checkpoint does not record its config (written by an older version)")
     # checkpoints written before orchestrator/job.py also hold the orchestrator's sections
     cfg = config_from_dict({k: v for k, v in meta["config"].items() if k not in ("sweep", "matrix", "tracking")}, path)
+    meta["pipeline"] = pipeline_from_meta(cfg, meta)
     method = get_method(cfg.method.name)(cfg, meta["in_channels"], meta["num_classes"])
     method.load_state_dict(state["method"])
     return cfg, method.eval(), meta

@@ -6,6 +6,7 @@ final weights, evaluate every test level. Distributed context is passed in.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from grafit_core import checkpoint
 from grafit_core.config import Config, check_resumable, config_fingerprint, to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
+from grafit_core.data.pipeline import pipeline_of
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
 from grafit_core.distributed import DistContext
@@ -196,7 +198,8 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
     history, step, first_epoch = [], 0, 0
     torch.manual_seed(cfg.seed + 1000 * ctx.rank)               # augmentation stream per rank
     meta = {"config": to_dict(with_overrides(cfg, {"method.name": method_name or cfg.method.name})),
-            "in_channels": int(channels), "num_classes": int(labels.max()) + 1}
+            "in_channels": int(channels), "num_classes": int(labels.max()) + 1,
+            "pipeline": dataclasses.asdict(pipeline_of(cfg, train))}   # what every consumer must apply
     fingerprint = config_fingerprint(meta["config"])
     if resume_from:
         saved = checkpoint.saved_config(resume_from)

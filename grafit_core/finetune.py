@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from grafit_core import checkpoint
 from grafit_core.config import Config, flatten_dict, to_dict, with_overrides
 from grafit_core.data import Collection
+from grafit_core.data.pipeline import pipeline_of
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
 from grafit_core.distributed import DistContext
@@ -54,27 +55,35 @@ def feature_dim(trunk: nn.Module, image: torch.Tensor) -> int:
     return dim
 
 
-def load_trunk(cfg: Config, in_channels: int) -> nn.Module:
+def load_trunk(cfg: Config, train: Collection) -> nn.Module:
     """The pre-trained trunk of finetune.checkpoint, or a fresh one of model.trunk (seeded)."""
     ft = cfg.finetune
     if ft.checkpoint is None:
         torch.manual_seed(cfg.seed)
-        return build_trunk(cfg.model.trunk, in_channels, cfg.model.small_stem, cfg.model.width)[0]
+        return build_trunk(cfg.model.trunk, train.image(0).shape[0], cfg.model.small_stem, cfg.model.width)[0]
     try:
         pre_cfg, method, meta = checkpoint.load_trained(ft.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{cfg.source or '<config>'}: finetune.checkpoint: {err}") from None
-    if meta["in_channels"] != in_channels:
-        raise ConfigError(f"{cfg.source or '<config>'}: finetune.checkpoint: the trunk takes {meta['in_channels']} "
-                          f"channels, the target images have {in_channels}")
+    check_pipeline(cfg, meta["pipeline"], train)
     return method.net.trunk
+
+
+def check_pipeline(cfg: Config, trained, train: Collection) -> None:
+    """The target images must be decoded as the trunk's training images were (channels, inversion);
+    the fine-tuning's own preset and size may differ: it trains."""
+    target = pipeline_of(cfg, train)
+    if (target.channels, target.invert) != (trained.channels, trained.invert):
+        raise ConfigError(f"{cfg.source or '<config>'}: finetune.checkpoint: the trunk was trained on images read as "
+                          f"{trained.describe()}; {cfg.data.name} reads the target images as {target.describe()} "
+                          f"(data.options.invert / the dataset's channels must match)")
 
 
 def build_net(cfg: Config, train: Collection, num_classes: int) -> FinetuneNet:
     """Trunk (pre-trained or not), then the head initialised from the seed: the same call in a
     test rebuilds the same model by hand."""
     image = train.image(0)
-    trunk = load_trunk(cfg, image.shape[0])
+    trunk = load_trunk(cfg, train)
     tf = build_transform(cfg.data.augment, cfg.data.image_size, image.shape[0], train=False)
     dim = feature_dim(trunk, tf(image))
     torch.manual_seed(cfg.seed + 1)
@@ -215,5 +224,7 @@ def check_finetune(cfg: Config, train: Collection) -> str:
     if cfg.finetune.checkpoint is not None and not os.path.exists(os.path.join(cfg.finetune.checkpoint,
                                                                                "train_state.pt")):
         raise ConfigError(f"{src}: finetune.checkpoint: {cfg.finetune.checkpoint} holds no train_state.pt")
+    if cfg.finetune.checkpoint is not None:
+        load_trunk(cfg, train)                # the trunk's input pipeline against the target images
     return level
 

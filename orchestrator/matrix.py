@@ -103,7 +103,6 @@ def example_figures(log: Journal, grid, train, query, train_levels: list[str], t
     import torch
 
     from grafit_core.checkpoint import load_trained
-    from grafit_core.data.transforms import build_transform
     from grafit_core.distributed import DistContext
     from grafit_core.engine import embed
 
@@ -119,7 +118,7 @@ def example_figures(log: Journal, grid, train, query, train_levels: list[str], t
     rows = []
     for name in ("ce", ours):
         cfg, method, meta = load_trained(ckpts[name])
-        tf = build_transform(cfg.data.augment, cfg.data.image_size, meta["in_channels"], train=False)
+        tf = meta["pipeline"].transform()
         bank, _ = embed(method, train, cfg, DistContext(), tf)
         zq, _ = embed(method, query, cfg, DistContext(), tf, rows=picks)
         for q, z in zip(picks, zq):

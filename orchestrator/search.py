@@ -15,9 +15,10 @@ import torch
 
 from grafit_core.errors import GrafitError
 
-def index_key(checkpoint: str, paths: list[str], levels: list[str]) -> str:
-    """Changes when the model, the level names or any collection file (name or size) changes."""
-    h = hashlib.sha256(",".join(levels).encode())
+def index_key(checkpoint: str, paths: list[str], levels: list[str], pipeline) -> str:
+    """Changes when the model, its input pipeline, the level names or any collection file (name or
+    size) changes: an index built another way is never reused."""
+    h = hashlib.sha256(",".join(levels).encode() + pipeline.key().encode())
     state = os.path.join(checkpoint, "train_state.pt")
     h.update(f"{os.path.abspath(state)}\0{os.path.getsize(state)}\0{os.path.getmtime(state)}".encode())
     for p in paths:
@@ -30,18 +31,17 @@ def build_or_load_index(checkpoint: str, root: str, index_dir: str, cfg, method,
     import pyarrow as pa
     import pyarrow.parquet as pq
     from grafit_core.data.folders import load_folders
-    from grafit_core.data.transforms import build_transform
     from grafit_core.distributed import DistContext
     from grafit_core.engine import embed
 
-    coll, _ = load_folders(root, levels=levels, channels=meta["in_channels"])
-    path = os.path.join(index_dir, f"index_{index_key(checkpoint, coll.paths, levels)}.parquet")
+    pipe = meta["pipeline"]
+    coll, _ = load_folders(root, levels=levels, channels=pipe.channels, invert=pipe.invert)
+    path = os.path.join(index_dir, f"index_{index_key(checkpoint, coll.paths, levels, pipe)}.parquet")
     if os.path.exists(path):
         table = pq.read_table(path)
         return (table.column("path").to_pylist(), np.array(table.column("embedding").to_pylist(), dtype=np.float32),
                 {lv: table.column(f"class_{lv}").to_pylist() for lv in levels}, path, False)
-    tf = build_transform(cfg.data.augment, cfg.data.image_size, meta["in_channels"], train=False)
-    z, _ = embed(method, coll, cfg, DistContext(), tf)
+    z, _ = embed(method, coll, cfg, DistContext(), pipe.transform())
     names = {lv: [coll.hierarchy.classes[lv][i] for i in coll.labels_at(lv)] for lv in levels}
     table = pa.table({"path": coll.paths, "embedding": pa.array(z.numpy().tolist(), pa.list_(pa.float32())),
                       **{f"class_{lv}": names[lv] for lv in levels}})
@@ -82,10 +82,7 @@ def rank(query_z: np.ndarray, bank: np.ndarray, coarse_names: list[str], coarse:
 
 
 def search(args) -> list[dict]:
-    from PIL import Image
-
     from grafit_core.checkpoint import load_trained
-    from grafit_core.data.transforms import build_transform
     try:
         cfg, method, meta = load_trained(args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
@@ -105,14 +102,11 @@ def search(args) -> list[dict]:
         known = sorted(set(coarse_names))
         raise GrafitError(f"--coarse {args.coarse!r}: not a class of level {levels[0]!r} in {args.collection}; "
                           f"known: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
-    tf = build_transform(cfg.data.augment, cfg.data.image_size, meta["in_channels"], train=False)
-    mode = "L" if meta["in_channels"] == 1 else "RGB"
-    results = []
+    pipe = meta["pipeline"]
+    tf, results = pipe.transform(), []
     for q in args.query:
-        img = torch.from_numpy(np.array(Image.open(q).convert(mode)))
-        img = img[None] if img.dim() == 2 else img.permute(2, 0, 1)
         with torch.no_grad():
-            z = method.embed(tf(img)[None])[0][0].numpy()
+            z = method.embed(tf(pipe.decode(q))[None])[0][0].numpy()
         order, scores = rank(z, bank, coarse_names, args.coarse, args.top, args.backend)
         results.append({"query": q, "index": index_path, "index_built": built, "coarse": args.coarse,
                         "results": [{"rank": r + 1, "score": float(s), "path": paths[i],

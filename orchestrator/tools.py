@@ -24,7 +24,6 @@ def cmd_evaluate(args) -> int:
     from grafit_core.checkpoint import load_trained
     from grafit_core.config import with_overrides
     from grafit_core.data.folders import load_folders
-    from grafit_core.data.transforms import build_transform
     from grafit_core.distributed import DistContext
     from grafit_core.engine import embed
     from grafit_core.evaluate import evaluate
@@ -39,13 +38,13 @@ def cmd_evaluate(args) -> int:
     levels = args.levels.split(",") if args.levels else [f"level{i + 1}" for i in range(depth)]
     if len(levels) != depth or depth == 0:
         raise GrafitError(f"--levels: {args.data} has {depth} folder level(s) above its images, got {levels}")
-    channels = meta["in_channels"]
+    pipe = meta["pipeline"]                   # the files are read as the model's training read them
     train, query = load_folders(args.data, levels=levels, query_fraction=args.query_fraction, split="sorted",
-                                channels=channels)
+                                channels=pipe.channels, invert=pipe.invert)
     # conditioning uses the coarsest level of the new taxonomy, through eq. 6 over the collection
     ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels, "eval.grid": {},
                                 "eval.k": args.k if args.k == "auto" else int(args.k)})
-    tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=False)
+    tf = pipe.transform()
     bank, _ = embed(method, train, ecfg, DistContext(), tf)
     queries, _ = embed(method, query, ecfg, DistContext(), tf)
     metrics = evaluate(ecfg, bank, 0, train, queries, query, levels)

@@ -104,8 +104,8 @@ def split_fraction(leaves: list[str], fraction: float, seed: int) -> np.ndarray:
 
 def load_folders(root: str, *, levels: list[str], query_root: str | None = None,
                  query_fraction: float = 0.0, channels: int = 3, cache_size: int | None = None,
-                 seed: int = 0, split: str = "random", extensions: Sequence[str] = EXTENSIONS
-                 ) -> tuple[FileCollection, FileCollection]:
+                 seed: int = 0, split: str = "random", extensions: Sequence[str] = EXTENSIONS,
+                 invert: bool = False) -> tuple[FileCollection, FileCollection]:
     """(train, query) from a taxonomy of nested folders; see the module docstring."""
     levels = list(levels or [])
     if not levels:
@@ -141,7 +141,7 @@ def load_folders(root: str, *, levels: list[str], query_root: str | None = None,
         paths = [p for p, h in zip(paths, held) if not h]
         names = [n for n, h in zip(names, held) if not h]
     return make_collections(levels, paths, names, qpaths, qnames, source=root,
-                            channels=channels, cache_size=cache_size)
+                            channels=channels, cache_size=cache_size, invert=invert)
 
 
 def find_omniglot(root: str) -> str | None:
