@@ -148,3 +148,22 @@ def test_tpe_sweep_with_replicates_tracked_in_mlflow(tmp_path, monkeypatch):
     assert len(told) == 2
     for (s, tau, value), (ms, mtau, mean) in zip(told, means):
         assert s == pytest.approx(ms) and tau == pytest.approx(mtau) and value == pytest.approx(mean, abs=1e-9)
+
+
+def test_tpe_vs_random_benchmark_at_a_tiny_size():
+    """The benchmark's arithmetic at 11 trials: TPE's first 10 trials are the random sampler's own draws
+    (trained once), so 11 + 1 trainings, plus one retraining of each method's best."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "tpe_vs_random.py"), "--repetitions", "1",
+                        "--trials", "11", "--check-seeds", "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    row = next(line.split() for line in p.stdout.splitlines() if line.startswith("  0 "))
+    rand, tpe, diff, again_rand, again_tpe, again_diff = map(float, row[1:])
+    assert 0 < rand <= 1 and 0 < tpe <= 1 and diff == pytest.approx(tpe - rand, abs=2e-4)   # printed to 4 decimals
+    assert again_diff == pytest.approx(again_tpe - again_rand, abs=2e-4)   # printed to 4 decimals
+    fits = int(re.search(r"(\d+) trainings", p.stdout).group(1))
+    assert fits in (13, 14), p.stdout                 # 14, or 13 when both bests are one configuration
