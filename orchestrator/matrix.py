@@ -20,17 +20,28 @@ from orchestrator.prepare import launch, prepare
 from orchestrator.sweep import check_definition, run_sweep
 
 METRICS = ("knn_top1", "map_cosine", "map_cond", "map_oracle", "finetune_top1")
+CONDITIONED = ("map_cond", "map_oracle")     # rank by the training level's classes: only finer levels say anything
+NOT_MEANINGFUL = "–"                          # how such a cell is shown (None in the JSON, absent in MLflow)
 
 
-def assemble(grid, test_levels: list[str]) -> dict:
-    """{metric: {method: {train_level: {test_level: value}}}} from the trials' final metrics."""
-    out = {metric: {} for metric in METRICS}
+def meaningful(metric: str, train_level: str, test_level: str, levels: list[str]) -> bool:
+    """Conditioned or oracle mAP at a test level not finer than the training level is not a result
+    (oracle ranking then sorts by the test label itself)."""
+    return (metric not in CONDITIONED or train_level not in levels
+            or levels.index(test_level) > levels.index(train_level))
+
+
+def assemble(grid, test_levels: list[str], levels: list[str] | None = None) -> dict:
+    """{metric: {method: {train_level: {test_level: value or None (not meaningful)}}}} from the
+    trials' final metrics; levels: the dataset's, coarse -> fine (default the test levels)."""
+    out, levels = {metric: {} for metric in METRICS}, levels or test_levels
     for r in grid:
         if r.error is not None or not r.metrics or not r.metrics.get("trained"):
             continue
         method, level = r.config["method.name"], r.config["data.train_level"]
         for metric in METRICS:
-            cells = {lv: r.metrics[f"{metric}/{lv}"] for lv in test_levels if f"{metric}/{lv}" in r.metrics}
+            cells = {lv: r.metrics[f"{metric}/{lv}"] if meaningful(metric, level, lv, levels) else None
+                     for lv in test_levels if f"{metric}/{lv}" in r.metrics}
             if cells:
                 out[metric].setdefault(method, {})[level] = cells
     if not out["finetune_top1"]:                # only with matrix.finetune
@@ -41,7 +52,14 @@ def assemble(grid, test_levels: list[str]) -> dict:
 def flat_metrics(matrices: dict) -> dict:
     return {f"{metric}/{method}/train_{tl}/test_{lv}": v
             for metric, per_method in matrices.items() for method, rows in per_method.items()
-            for tl, cells in rows.items() for lv, v in cells.items()}
+            for tl, cells in rows.items() for lv, v in cells.items() if v is not None}
+
+
+def cell_text(cells: dict | None, level: str, fmt) -> str:
+    """A value, "skipped" (no result: a skipped or failed cell) or "–" (not a meaningful metric)."""
+    if not cells or level not in cells or (cells[level] is not None and math.isnan(cells[level])):
+        return "skipped"
+    return NOT_MEANINGFUL if cells[level] is None else fmt(cells[level])
 
 
 def to_csv(per_method: dict, train_levels: list[str], test_levels: list[str]) -> str:
@@ -51,8 +69,7 @@ def to_csv(per_method: dict, train_levels: list[str], test_levels: list[str]) ->
     for method, rows in per_method.items():
         for tl in train_levels:
             cells = rows.get(tl)
-            writer.writerow([method, tl, *[("skipped" if (cells or {}).get(lv) is None else f"{cells[lv]:.6f}")
-                                           for lv in test_levels]])
+            writer.writerow([method, tl, *[cell_text(cells, lv, lambda v: f"{v:.6f}") for lv in test_levels]])
     return buf.getvalue()
 
 
@@ -89,8 +106,7 @@ def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -
     for tl in train_levels:
         cells = rows.get(tl, {})
         lines.append(f"{'train ' + tl:<{width}s}" + "".join(
-            f"{'skipped' if math.isnan(cells.get(lv, math.nan)) else f'{100 * cells[lv]:.1f}':>18s}"
-            for lv in test_levels))
+            f"{cell_text(cells, lv, lambda v: f'{100 * v:.1f}'):>18s}" for lv in test_levels))
     return "\n".join(lines)
 
 
@@ -148,7 +164,7 @@ def cmd_matrix(args) -> int:
     matrices = {}
 
     def after(grid, log):
-        matrices.update(assemble(grid, levels))
+        matrices.update(assemble(grid, levels, prep.train.hierarchy.levels))
         log_matrices(log, matrices, train_levels, levels)
         example_figures(log, grid, prep.train, prep.query, train_levels, levels)
 

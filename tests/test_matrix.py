@@ -52,6 +52,25 @@ def test_csv_and_printed_matrix_show_skipped_cells():
     assert text[2].split() == ["train", "a", "95.0", "70.0"]
 
 
+def test_conditioned_and_oracle_map_not_finer_than_the_training_level_are_shown_as_not_meaningful():
+    from orchestrator import figures
+    oracle = {"trained": 1, "map_oracle/a": 1.0, "map_oracle/b": 0.9, "map_cond/a": 0.2, "map_cond/b": 0.6,
+              "map_cosine/a": 0.5, "map_cosine/b": 0.4}
+    grid = [trial("grafit", level, dict(oracle)) for level in ("none", "a", "b")]
+    m = matrix.assemble(grid, ["a", "b"], ["a", "b"])
+    assert m["map_oracle"]["grafit"] == {"none": {"a": 1.0, "b": 0.9}, "a": {"a": None, "b": 0.9},
+                                         "b": {"a": None, "b": None}}
+    assert m["map_cosine"]["grafit"]["b"] == {"a": 0.5, "b": 0.4}          # cosine mAP is always a result
+    flat = matrix.flat_metrics(m)
+    assert "map_oracle/grafit/train_a/test_a" not in flat and flat["map_cond/grafit/train_a/test_b"] == 0.6
+    assert matrix.to_csv(m["map_cond"], ["none", "a", "b"], ["a", "b"]).splitlines()[2:] == \
+        ["grafit,a,–,0.600000", "grafit,b,–,–"]
+    text = matrix.format_matrix(m["map_oracle"]["grafit"], ["none", "a", "b"], ["a", "b"]).splitlines()
+    assert text[2].split() == ["train", "a", "–", "90.0"]
+    fig = figures.heatmap(m["map_oracle"]["grafit"], ["none", "a", "b"], ["a", "b"], "oracle")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["100.0", "90.0", "–", "90.0", "–", "–"]
+
+
 def test_matrix_sweep_is_a_fifo_grid_over_methods_and_levels():
     from orchestrator.job import job_from_dict, matrix_sweep
     sw = matrix_sweep(job_from_dict({"data": {"name": "synthetic"}, "matrix": {"methods": ["grafit", "ce"]}}, "<dict>"),
