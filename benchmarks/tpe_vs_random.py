@@ -116,8 +116,8 @@ def main():
         wins, ties = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs)
         sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         print(f"{name}: TPE better in {wins}/{len(diffs)} repetitions (ties {ties}, worse {len(diffs) - wins - ties}); "
-              f"TPE - random: mean {statistics.mean(diffs):+.4f} ± {sd:.4f} (std), median {statistics.median(diffs):+.4f}, "
-              f"min {min(diffs):+.4f}, max {max(diffs):+.4f}")
+              f"TPE - random: mean {statistics.mean(diffs):+.4f} ± {sd:.4f} (std), "
+              f"median {statistics.median(diffs):+.4f}, min {min(diffs):+.4f}, max {max(diffs):+.4f}")
 
     print()
     summary("best found (the searcher's own seed)", [t - r for r, t, _, _ in rows])
