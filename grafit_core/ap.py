@@ -113,6 +113,8 @@ def _group_ap(scores, query_labels, index, n_rel, col_start, ctx, ws, fused, shi
         return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
     # unsharded, the pads are +inf already; sharded, each rank's zeros add up to the others' scores
     pad = 0.0 if ctx else float("inf")
+    if fused and not ctx:   # the same steps, a row range at a time through all of them
+        return ap_kernel.group_ap(scores, index.order, *index.slices(query_labels), r_max, shift)
     if fused:
         thr = ap_kernel.gather(scores, index.order, *index.slices(query_labels), col_start, r_max, pad, shift)
     else:

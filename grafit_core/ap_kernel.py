@@ -186,6 +186,40 @@ def average_precision(thr, n_rel, n_ge):
     return ap
 
 
+def group_ap(scores, order, start, size, r_max, shift=None):
+    """(q,) float64 AP of each row, unsharded (+inf pads): gather, sort_rows, count_at_or_above and
+    average_precision, the same calls and bits, but each thread takes a row range through all four
+    (one hand-out of ranges instead of four, with a thread idle at the end of each)."""
+    scores, order = _rows(scores), order.long().contiguous()
+    start, size = start.long().contiguous(), size.long().contiguous()
+    q = scores.shape[0]
+    pos0 = torch.zeros(q, dtype=torch.int64)
+    if order.shape != (scores.shape[1],) or not start.shape == size.shape == (q,):       # C reads these unchecked
+        raise ValueError(f"group_ap: order {tuple(order.shape)} / rows {tuple(start.shape)} do not fit scores "
+                         f"{tuple(scores.shape)}")
+    if q and (bool((start < 0).any() | (size < 0).any()) or int((start + size).max()) > len(order)
+              or int(size.max()) > r_max):
+        raise IndexError("group_ap: a row's relevant columns fall outside the label index or r_max")
+    logits, n_coarse, coarse, _keep = _shift_args(shift, scores)
+    thr = torch.empty(q, r_max, dtype=torch.float32)
+    n_ge = torch.empty(q, r_max, dtype=torch.int64)
+    ap = torch.empty(q, dtype=torch.float64)
+    lib, rows = kernel(), thr.numpy()
+
+    def rows_ap(row0, row1):
+        lib.grafit_gather(row0, row1, scores.data_ptr(), scores.stride(0), order.data_ptr(), start.data_ptr(),
+                          size.data_ptr(), pos0.data_ptr(), logits, n_coarse, coarse, float("inf"), thr.data_ptr(),
+                          r_max)
+        rows[row0:row1].sort(axis=1)        # numpy releases the GIL
+        code = lib.grafit_count_ge(row0, row1, scores.data_ptr(), scores.shape[1], scores.stride(0), thr.data_ptr(),
+                                   r_max, logits, n_coarse, coarse, n_ge.data_ptr())
+        return code or lib.grafit_ap(row0, row1, thr.data_ptr(), r_max, size.data_ptr(), n_ge.data_ptr(),
+                                     ap.data_ptr())
+
+    _split_rows(rows_ap, q)
+    return ap
+
+
 def topk(scores, k):
     """(values, indices) of the k largest scores of each row, ordered by (-value, index): among
     equal scores the lower index first (NaN above everything, as torch.topk), so that a kNN never

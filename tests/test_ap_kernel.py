@@ -210,3 +210,39 @@ def test_average_precision_equals_the_torch_path_bit_for_bit(r_max, quantised):
     got, ref = ap_kernel.average_precision(thr, n_rel, n_ge), _ap_from_counts(thr, n_rel, n_ge)
     assert got.dtype == torch.float64 and torch.isnan(got[0])
     np.testing.assert_array_equal(got.numpy(), ref.numpy())          # NaN == NaN, else the same bits
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_group_ap_equals_the_separate_steps_and_the_torch_path(seed):
+    # group_ap (one hand-out of row ranges through gather, sort, count and AP) against the four
+    # steps one after another, bit for bit: ties, NaN / -inf / +inf items (a NaN relevant score sorts
+    # after the pads), +inf pads (r_max above every row's R), rows of an absent class, eq. 5, R in
+    # the thousands; and against the torch path where it is defined (no -inf / +inf items)
+    g = torch.Generator().manual_seed(200 + seed)
+    q, n, classes = (3, 9, 40)[seed % 3], (20000, 3000, 900)[seed % 3], (3, 2, 9)[seed % 3]
+    s = torch.randn(q, n, generator=g)
+    if seed % 2:
+        s = (s * 8).round() / 8
+    if seed % 4 >= 2:
+        s[torch.rand(q, n, generator=g) < 0.02] = float("nan")
+        s[torch.rand(q, n, generator=g) < 0.02] = float("-inf")
+        s[torch.rand(q, n, generator=g) < 0.01] = float("inf")
+    labels = torch.randint(-1, classes, (n,), generator=g)
+    ql = torch.randint(0, classes + 1, (q,), generator=g)          # classes: no item
+    index = LabelIndex(labels, classes + 1)
+    start, size = index.slices(ql)
+    r_max = int(size.max()) + 3 * (seed % 2)
+    shift = (torch.randn(q, 4, generator=g), torch.randint(0, 4, (n,), generator=g)) if seed >= 4 else None
+    got = ap_kernel.group_ap(s, index.order, start, size, r_max, shift)
+    thr = ap_kernel.sort_rows(ap_kernel.gather(s, index.order, start, size, torch.zeros_like(size), r_max,
+                                               float("inf"), shift))
+    steps = ap_kernel.average_precision(thr, size, ap_kernel.count_at_or_above(thr, s, shift))
+    np.testing.assert_array_equal(got.numpy(), steps.numpy())        # NaN == NaN, else the same bits
+    assert torch.isnan(got[ql == classes]).all()
+    if seed % 4 < 2:
+        ranked = s if shift is None else s + shift[0][:, shift[1]]
+        thr = _gather_torch(s, ql, index, torch.zeros_like(size), r_max, float("inf"), shift).sort(dim=1).values
+        ref = _ap_from_counts(thr, size, count_at_or_above_torch(thr, ranked))
+        np.testing.assert_array_equal(got.numpy(), ref.numpy())
+    with pytest.raises(IndexError):
+        ap_kernel.group_ap(s, index.order, start, size, int(size.max()) - 1, shift)
