@@ -212,6 +212,10 @@ def objective_metric(levels: list[str]) -> str:
 
 def matrix_sweep(job: Job, levels: list[str]) -> Job:
     """The sweep that runs every cell of a matrix: a FIFO grid over methods x training levels."""
+    for key, value, ok in (("sweep.search", job.sweep.search, "random"), ("sweep.seeds", job.sweep.seeds, 1)):
+        if value != ok:                       # a cell is one training run, every cell is run
+            raise ConfigError(f"{job.source}: {key}: {value!r}: a matrix runs every cell once ({key}: {ok}); "
+                              f"run it once per seed for replicates")
     methods = job.matrix.methods or [job.config.method.name]
     train_levels = job.matrix.train_levels or ["none", *levels]
     space = {"method.name": {"grid": methods}, "data.train_level": {"grid": train_levels}}

@@ -168,7 +168,7 @@ def close_children(log: journal.Journal, job: Job, grid) -> None:
         log.end("FAILED" if run.data.tags.get("grafit.trial_key") in failed else "KILLED", run_id=run.info.run_id)
 
 
-REPLICATE_KEYS = ("seed", "__trial_index__")     # what replicates of one configuration differ in
+REPLICATE_KEYS = ("seed",)                   # what replicates of one configuration differ in
 
 
 @dataclass
@@ -204,7 +204,7 @@ def best_configuration(confs: list[Configuration], objective: str) -> Configurat
 
 
 def has_replicates(job: Job) -> bool:
-    return "seed" in job.sweep.space or getattr(job.sweep, "seeds", 1) > 1
+    return "seed" in job.sweep.space or job.sweep.seeds > 1
 
 
 def log_aggregates(log: journal.Journal, job: Job, confs: list[Configuration]) -> dict[int, str]:

@@ -76,8 +76,11 @@ LOCAL_UI = "http://127.0.0.1:5000"            # where `grafit ui` serves a local
 def ui_link(uri: str, run_id: str, experiment: bool = False) -> str:
     """The run (or its experiment's runs table) in MLflow's model-training view: MLflow 3.17's UI
     takes the view from the URL, else from the browser's last choice, else opens the GenAI view."""
-    exp = client(uri).get_run(run_id).info.experiment_id
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    try:
+        exp = client(uri).get_run(run_id).info.experiment_id
+    except Exception:                         # the server is away: the UI's home page, in the same view
+        return f"{base}/#/?workflowType=machine_learning"
     return f"{base}/#/experiments/{exp}{'' if experiment else f'/runs/{run_id}'}?workflowType=machine_learning"
 
 

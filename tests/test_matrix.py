@@ -80,6 +80,16 @@ def test_matrix_sweep_is_a_fifo_grid_over_methods_and_levels():
     assert sw.sweep.scheduler == "fifo" and sw.matrix.train_levels == ["none", "l0", "l1"]
 
 
+@pytest.mark.parametrize("sweep,key", [({"search": "tpe", "space": {"method.sigma": {"choice": [0.05, 0.1]}}},
+                                       "sweep.search"), ({"seeds": 3}, "sweep.seeds")])
+def test_a_matrix_runs_every_cell_once(sweep, key):
+    from grafit_core.errors import ConfigError
+    from orchestrator.job import job_from_dict, matrix_sweep
+    job = job_from_dict({"data": {"name": "synthetic"}, "sweep": {**sweep, "scheduler": "fifo"}}, "m.yaml")
+    with pytest.raises(ConfigError, match=f"^m.yaml: {key}: .*a matrix runs every cell once"):
+        matrix_sweep(job, ["l0", "l1"])
+
+
 def test_figures_render():
     from orchestrator import figures
     m = matrix.assemble(GRID, ["a", "b"])
