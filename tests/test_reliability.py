@@ -5,6 +5,7 @@ import socket
 import pytest
 
 from orchestrator.cli import main as grafit
+from tiny import tiny_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "jobs", "smoke.yaml")
@@ -33,12 +34,7 @@ def test_an_unreachable_mlflow_server_is_refused_before_ray_starts(command, monk
     assert os.listdir(tmp_path) == []
 
 
-BASE = {"name": "reliability",
-        "data": {"name": "synthetic", "train_level": "l0", "augment": "characters", "image_size": 16,
-                 "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
-        "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
-        "optim": {"epochs": 2, "batch_size": 16},
-        "eval": {"val_size": 20, "k_candidates": [3, 5]}}
+BASE = tiny_job("reliability")
 
 
 def write_job(tmp_path, **changes):

@@ -10,13 +10,9 @@ from grafit_core.errors import ConfigError
 from orchestrator.cli import main as grafit
 from orchestrator.job import load_job
 from orchestrator.searchers import num_trials, search_algorithm, tune_space
+from tiny import tiny_job
 
-BASE = {"name": "search-test",
-        "data": {"name": "synthetic", "train_level": "l0", "augment": "characters", "image_size": 16,
-                 "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
-        "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
-        "optim": {"epochs": 1, "batch_size": 16},
-        "eval": {"val_size": 20, "k_candidates": [3, 5]}}
+BASE = tiny_job("search-test", epochs=1)
 SIGMA = {"method.sigma": {"loguniform": [0.02, 0.5]}}
 OBJECTIVE = "knn_top1/l2"
 

@@ -7,13 +7,9 @@ import yaml
 from orchestrator.job import load_job
 from grafit_core.errors import ConfigError
 from orchestrator.cli import main as grafit
+from tiny import tiny_job
 
-BASE = {"name": "sweep-test",
-        "data": {"name": "synthetic", "train_level": "l0", "augment": "characters", "image_size": 16,
-                 "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
-        "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
-        "optim": {"epochs": 2, "batch_size": 16},
-        "eval": {"val_size": 20, "k_candidates": [3, 5]}}
+BASE = tiny_job("sweep-test")
 
 
 def write(tmp_path, sweep, name="sweep.yaml"):

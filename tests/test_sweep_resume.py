@@ -9,14 +9,10 @@ import time
 
 import pytest
 import yaml
+from tiny import tiny_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = {"name": "resume",
-        "data": {"name": "synthetic", "train_level": "l0", "augment": "characters", "image_size": 16,
-                 "options": {"branching": [2, 3, 2], "per_class": 6, "queries_per_class": 2}},
-        "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
-        "optim": {"epochs": 3, "batch_size": 16},
-        "eval": {"val_size": 20, "k_candidates": [3, 5]}}
+BASE = tiny_job("resume", epochs=3)
 
 
 def write(tmp_path, job) -> str:
