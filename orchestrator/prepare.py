@@ -133,9 +133,30 @@ def prepare(kind: str, args: argparse.Namespace) -> Prepared:
     return Prepared(kind, job, args, train, query, levels, tracking.dataset_fingerprint(train, query), summary)
 
 
+def check_local_cpus(prep: Prepared) -> None:
+    """A local Ray with too few CPUs would wait forever: refuse it before Ray starts or a run is made
+    (a cluster's capacity is checked once connected, by workers.check_resources / sweep.check_capacity)."""
+    if prep.args.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    have = prep.args.num_cpus or os.cpu_count() or 1
+    if prep.kind in ("train", "finetune"):
+        need, what = prep.args.workers * prep.args.cpus_per_worker, \
+            f"--workers {prep.args.workers} x --cpus-per-worker {prep.args.cpus_per_worker:g}"
+    else:
+        sw = prep.job.sweep
+        need, what = sw.max_concurrent * sw.workers * sw.cpus_per_worker, \
+            f"sweep.max_concurrent {sw.max_concurrent} x sweep.workers {sw.workers} x sweep.cpus_per_worker " \
+            f"{sw.cpus_per_worker:g}"
+    if need > have + 1e-9:
+        raise GrafitError(f"{what} = {need:g} CPUs but a local Ray here has {have}"
+                          f"{' (--num-cpus)' if prep.args.num_cpus else ''}; lower them, or give --ray-address "
+                          f"of a cluster; nothing was started")
+
+
 def launch(prep: Prepared) -> bool:
     """--check: say so and stop (False). Else refuse an MLflow server that does not answer, then
     connect to the cluster (or start a local Ray)."""
+    check_local_cpus(prep)
     if prep.args.check:
         print(f"{prep.args.config}: ok ({prep.summary}); nothing was started (--check)")
         return False

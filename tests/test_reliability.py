@@ -37,6 +37,18 @@ def test_an_unreachable_mlflow_server_is_refused_before_ray_starts(command, monk
 BASE = tiny_job("reliability")
 
 
+@pytest.mark.parametrize("flags", [["train", SMOKE, "--workers", "5", "--set", "optim.batch_size=20"],
+                                   ["train", SMOKE, "--workers", "2", "--cpus-per-worker", "1.5"]])
+def test_a_local_ray_too_small_is_refused_before_it_starts_and_leaves_nothing(flags, monkeypatch, capsys, tmp_path):
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert grafit(flags + ["--num-cpus", "2", "--storage-path", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "CPUs but a local Ray here has 2 (--num-cpus)" in err and "nothing was started" in err, err
+    assert not ray.is_initialized() and os.listdir(tmp_path) == []     # no Ray, no MLflow store, no run folder
+
+
 def write_job(tmp_path, **changes):
     import yaml
     path = tmp_path / "job.yaml"
