@@ -1,4 +1,5 @@
-"""One typed configuration schema for every job: YAML -> validated dataclasses.
+"""The core's typed configuration (data, model, method, optim, eval, finetune): YAML -> validated
+dataclasses. A job file's orchestrator sections (sweep, matrix, tracking) are typed in orchestrator/job.py.
 
 Unknown keys, wrong types and out-of-range values raise ConfigError naming the file and
 the key (e.g. `jobs/x.yaml: method.sigma: must be > 0, got 0`). Checks that need the

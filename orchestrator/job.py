@@ -192,6 +192,10 @@ def check_search(job: Job, bad) -> None:
         # of a configuration and not others, so its mean over seeds would be over the lucky ones
         bad("sweep.seeds", f"{sw.seeds} replicates need scheduler: fifo (ASHA stops replicates one by one)")
     if sw.search != "tpe":
+        if sw.num_samples > 1 and sw.space and all("grid" in spec for spec in sw.space.values()):
+            # a trial is named by its configuration: a repeated grid would be the same trials again
+            bad("sweep.num_samples", f"{sw.num_samples} repeats of a grid train the same configurations; "
+                                     f"for replicates use sweep.seeds")
         return
     for key, spec in sw.space.items():
         kind, values = next(iter(spec.items()))

@@ -5,14 +5,14 @@ Every (method, training level) cell is one trial of a Tune sweep over `method.na
 runs); each trial evaluates every test level. The parent run then holds the matrices: metrics
 `<metric>/<method>/train_<level>/test_<level>`, `matrices.json`, one CSV per metric, a heatmap
 per (metric, method) and the Fig. 3-style lines. At level `none`, methods without a label-free
-loss are skipped (blank cells), not reported.
+loss are skipped (blank cells), not reported; conditioned and oracle mAP at a test level not finer
+than the training level are not results ("–").
 """
 from __future__ import annotations
 
 import csv
 import io
 import math
-import os
 
 from orchestrator import figures, tracking
 from orchestrator.journal import Journal

@@ -35,7 +35,8 @@ def build_or_load_index(checkpoint: str, root: str, index_dir: str, cfg, method,
     from grafit_core.engine import embed
 
     pipe = meta["pipeline"]
-    coll, _ = load_folders(root, levels=levels, channels=pipe.channels, invert=pipe.invert)
+    coll, _ = load_folders(root, levels=levels, channels=pipe.channels, invert=pipe.invert,
+                           cache_size=pipe.decoded_size)
     path = os.path.join(index_dir, f"index_{index_key(checkpoint, coll.paths, levels, pipe)}.parquet")
     if os.path.exists(path):
         table = pq.read_table(path)

@@ -39,8 +39,9 @@ def num_trials(job: Job) -> int:
 def search_algorithm(job: Job, objective: str | None = None):
     """None for `random` (Tune's variant generator); for `tpe`, Repeater(OptunaSearch) as described above,
     maximising `objective` (job.objective_metric of the test levels)."""
-    if job.sweep.search == "random":
-        return None
+    if job.sweep.search == "random":          # seeded: a rerun draws the same trials, so they resume
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        return BasicVariantGenerator(random_state=job.config.seed)
     if objective is None:
         raise ValueError("search: tpe needs the objective metric (job.objective_metric(levels))")
     # imported here, and the classes defined here: importing Tune's Optuna searcher costs every

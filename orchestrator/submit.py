@@ -91,11 +91,13 @@ def yaml_scalar(value) -> str:
 def check_locally(argv: list[str], path: str) -> None:
     """Parse the flags as the command will and run its own preparation (`prepare`)."""
     kind = argv[0]
-    parser = add_run_flags(argparse.ArgumentParser(prog=f"grafit {kind}", exit_on_error=False), kind)
-    try:
-        args = parser.parse_args(argv[1:])
-    except (argparse.ArgumentError, SystemExit) as err:
-        raise ConfigError(f"{path}: options: {err}") from None
+    parser = add_run_flags(argparse.ArgumentParser(prog=f"grafit {kind}"), kind)
+
+    def refuse(message):                      # argparse's own message, without usage and exit
+        raise ConfigError(f"{path}: options: {message}")
+
+    parser.error = refuse
+    args = parser.parse_args(argv[1:])
     args.config = os.path.join(ROOT, args.config)
     prepare(kind, args)
 

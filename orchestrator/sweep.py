@@ -4,11 +4,14 @@ Ray 2.60 wants a Tuner over a *driver function* that builds one TorchTrainer per
 forwards rank 0's per-epoch reports to Tune (TuneReportCallback); `Tuner(TorchTrainer)` fails.
 Tune samples only training parameters (sweep.space); evaluation-only values (sweep.eval_grid:
 k, voting sigma) are all evaluated inside each trial from its one set of embeddings.
-MLflow: one parent run per sweep, one nested child run per trial, the best trial on the parent;
-everything the driver writes goes through the parent's journal (orchestrator.journal).
+MLflow: one parent run per sweep, one nested child run per trial, an aggregate run per configuration
+with replicates, the best configuration (highest mean final kNN top-1 at the finest level over its
+replicates) on the parent; everything the driver writes goes through the parent's journal. A rerun
+continues the sweep (orchestrator.trials).
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -16,21 +19,19 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from grafit_core.config import flatten_dict
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import figures, journal, tracking
-from orchestrator.job import Job, job_dict, job_with
+from orchestrator.job import Job, job_dict, job_with, objective_metric
 from orchestrator.prepare import Prepared, format_table, launch, markdown_table, prepare
-from orchestrator.searchers import search_algorithm, tune_space
-from orchestrator.trials import TrialSpec, max_epochs, run_label, trial_fn, trial_key
+from orchestrator.searchers import num_trials, search_algorithm, tune_space
+from orchestrator.trials import TrialSpec, max_epochs, resumable_fields, run_label, trial_fn, trial_key
 from orchestrator.workers import storage_uri
 
-# what a rerun may change and still continue the sweep: where and how wide it runs, how it is tracked
-RESUMABLE_CHANGES = ("name", "tracking.", "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker",
-                     "sweep.gpus_per_worker", "data.root", "data.num_workers", "data.options.cache_size")
 
 
 def state_dir(job: Job, storage_path: str) -> str:
@@ -41,51 +42,52 @@ def state_dir(job: Job, storage_path: str) -> str:
 def check_definition(job: Job, storage_path: str) -> None:
     """A rerun continues the sweep stored under the same name: refuse it (naming the keys) when the
     definition changed (space, eval grid, budget, anything trained), before any resource is taken."""
+    if "://" in storage_path:                 # trial results, definitions and journals are local files
+        raise ConfigError(f"{job.source}: --storage-path {storage_path}: a sweep or matrix keeps what makes it "
+                          f"resumable in files: give a folder every node reaches (NFS), not a URI")
     path = os.path.join(state_dir(job, storage_path), "definition.json")
-    if "://" in path or not os.path.exists(path):
+    if not os.path.exists(path):
         return
-    saved, now = json.load(open(path)), job_dict(job)
-    keep = lambda d: {k: v for k, v in flatten_dict(d).items()          # noqa: E731
-                      if not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)}
-    diff = sorted(k for k in keep(saved).keys() | keep(now).keys() if keep(saved).get(k) != keep(now).get(k))
+    saved, now = resumable_fields(json.load(open(path))), resumable_fields(job_dict(job))
+    diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if diff:
-        shown = "; ".join(f"{k}: {keep(saved).get(k)!r} then, {keep(now).get(k)!r} now" for k in diff[:5])
+        shown = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in diff[:5])
         raise ConfigError(f"{job.source}: the sweep {job.config.name!r} in {storage_path} was started with another "
                           f"definition ({shown}{'; ...' if len(diff) > 5 else ''}); use another name or storage path")
 
 
-def save_definition(job: Job, storage_path: str) -> None:
+def save_state(job: Job, storage_path: str, name: str, data) -> None:
+    """One of the sweep's own files (definition.json, parent_run), atomically."""
     folder = state_dir(job, storage_path)
-    if "://" in folder or os.path.exists(os.path.join(folder, "definition.json")):
-        return
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "definition.json.tmp"), "w") as f:
-        json.dump(job_dict(job), f, indent=1, default=str)
-    os.replace(os.path.join(folder, "definition.json.tmp"), os.path.join(folder, "definition.json"))
+    with open(os.path.join(folder, f"{name}.tmp"), "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(os.path.join(folder, f"{name}.tmp"), os.path.join(folder, name))
 
 
 def parent_run(job: Job, uri: str, storage_path: str, fingerprint: str) -> str:
-    """The sweep's parent run: the one a previous (interrupted) driver opened, reopened; else a new one."""
-    key = state_dir(job, storage_path)
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(job.experiment)
-    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`grafit.sweep` = '{key}'",
-                          order_by=["attribute.start_time DESC"], max_results=1) if exp else []
-    if found:
-        c.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    return tracking.start_run(uri, job.experiment, f"sweep {job.config.name}", job_dict(job),
-                              {**tracking.provenance(fingerprint), "grafit.sweep": key})
+    """The sweep's parent run: the one this sweep's earlier (interrupted) driver opened, reopened;
+    else a new one (a sweep whose folder was deleted starts afresh, whatever MLflow holds)."""
+    saved = os.path.join(state_dir(job, storage_path), "parent_run")
+    if os.path.exists(saved):
+        run_id = json.load(open(saved))
+        tracking.client(uri).update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = tracking.start_run(uri, job.experiment, f"sweep {job.config.name}", job_dict(job),
+                                {**tracking.provenance(fingerprint), "grafit.sweep": state_dir(job, storage_path)})
+    save_state(job, storage_path, "parent_run", run_id)
+    return run_id
 
 
 def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after=None,
               on_step: Callable | None = None):
     """Run (or continue) the sweep on the connected Ray cluster; returns (Tune ResultGrid, parent
     run id). after(grid, parent_journal) logs more into the parent run before it is closed; the
-    parent records the trial with the best final kNN top-1 at the finest test level."""
+    parent records the best configuration (record_best)."""
     job, uri = prep.job, tracking.tracking_uri()
     check_capacity(job.sweep)
-    save_definition(job, storage_path)
+    if not os.path.exists(os.path.join(state_dir(job, storage_path), "definition.json")):
+        save_state(job, storage_path, "definition.json", job_dict(job))
     parent = parent_run(job, uri, storage_path, prep.fingerprint)
     log = journal.Journal(uri, parent, os.path.join(state_dir(job, storage_path), "mlflow_journal", "parent.jsonl"))
     ok, grid, wait_s = False, None, job.tracking.offline_wait_s
@@ -100,8 +102,10 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
             raise GrafitError(f"MLflow server {uri} did not come back within {wait_s:.0f} s: "
                               f"the sweep's trials are done (their records wait in their journals, "
                               f"<storage>/trials/*/mlflow_journal: grafit sync), its parent run {parent} stays open")
-        journal.replay_all(os.path.join(storage_path, "trials"), wait_s)
-        confs, objective = configurations(grid), f"knn_top1/{prep.levels[-1]}"
+        deadline = time.time() + wait_s            # this sweep's trials only: others may be writing theirs
+        for folder in glob.glob(os.path.join(spec.storage_path, f"{spec.name}-*", "mlflow_journal")):
+            journal.replay_all(folder, max(0.0, deadline - time.time()))
+        confs, objective = configurations(grid), objective_metric(prep.levels)
         record_best(log, job, confs, objective)
         describe(log, job, confs, objective, summary_keys(prep.levels))
         if after is not None:
@@ -145,8 +149,6 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
         shutil.rmtree(tune_dir)                # Tune's state of an earlier driver: the trial keys resume, not it
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec),
                                     {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
-    from orchestrator.job import objective_metric
-    from orchestrator.searchers import num_trials
     # TPE is told the objective at each trial's end (the mean over its replicates); ASHA reads sw.metric per epoch
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
                        tune_config=tune.TuneConfig(scheduler=scheduler,
@@ -164,8 +166,9 @@ def close_children(log: journal.Journal, job: Job, grid) -> None:
     c = tracking.client(log.uri)
     runs = c.search_runs([c.get_run(log.run_id).info.experiment_id],
                          filter_string=f"tags.mlflow.parentRunId = '{log.run_id}' and attributes.status = 'RUNNING'")
-    for run in runs:
-        log.end("FAILED" if run.data.tags.get("grafit.trial_key") in failed else "KILLED", run_id=run.info.run_id)
+    for run in runs:                          # trials only: an aggregate's end may still be in the journal
+        if "grafit.trial_key" in run.data.tags:
+            log.end("FAILED" if run.data.tags["grafit.trial_key"] in failed else "KILLED", run_id=run.info.run_id)
 
 
 REPLICATE_KEYS = ("seed",)                   # what replicates of one configuration differ in
@@ -182,8 +185,10 @@ class Configuration:
 
 def configurations(grid) -> list[Configuration]:
     groups: dict[str, Configuration] = {}
+    seen = set()                              # a trial drawn twice (repeated choices) counts once
     for r in grid:
-        if r.error is None and r.metrics and r.metrics.get("trained"):
+        if r.error is None and r.metrics and r.metrics.get("trained") and r.metrics["trial_key"] not in seen:
+            seen.add(r.metrics["trial_key"])
             params = {k: v for k, v in r.config.items() if k not in REPLICATE_KEYS}
             key = json.dumps(params, sort_keys=True, default=str)
             groups.setdefault(key, Configuration(params, [])).trials.append(r)
@@ -312,7 +317,7 @@ def cmd_sweep(args) -> int:
     rows = trial_table(prep.job, grid, params, keys)
     print(f"\n== sweep {prep.job.config.name}: {len(rows)} trials, {grid.num_errors} failed ==")
     print(format_table(rows, ["trial", "status", *params, *keys]))
-    confs, objective = configurations(grid), f"knn_top1/{prep.levels[-1]}"
+    confs, objective = configurations(grid), objective_metric(prep.levels)
     if has_replicates(prep.job):
         print("\n== mean ± std over seeds ==")
         print(format_table(configuration_table(confs, keys), [p for p in params if p != "seed"] + ["seeds", *keys]))

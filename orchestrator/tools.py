@@ -40,7 +40,7 @@ def cmd_evaluate(args) -> int:
         raise GrafitError(f"--levels: {args.data} has {depth} folder level(s) above its images, got {levels}")
     pipe = meta["pipeline"]                   # the files are read as the model's training read them
     train, query = load_folders(args.data, levels=levels, query_fraction=args.query_fraction, split="sorted",
-                                channels=pipe.channels, invert=pipe.invert)
+                                channels=pipe.channels, invert=pipe.invert, cache_size=pipe.decoded_size)
     # conditioning uses the coarsest level of the new taxonomy, through eq. 6 over the collection
     ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels, "eval.grid": {},
                                 "eval.k": args.k if args.k == "auto" else int(args.k)})

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from grafit_core.config import to_dict, with_overrides
+from grafit_core.config import flatten_dict, to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL
 from grafit_core.methods import get_method
 from orchestrator import journal
@@ -23,6 +23,17 @@ from orchestrator.job import Job, job_from_dict, job_with, objective_metric
 from orchestrator.workers import latest_checkpoint, run_training, tracked_training
 
 RESULT = "trial.json"                         # the reports of a finished trial, in order
+# what a rerun may change and still continue a sweep (and a trial keep its key): where and how
+# wide it runs, where its data lives, how long it waits for MLflow; never what is trained or where it is tracked
+RESUMABLE_CHANGES = ("name", "tracking.embeddings_max_mb", "tracking.log_checkpoint", "tracking.offline_wait_s",
+                     "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker", "sweep.gpus_per_worker",
+                     "data.root", "data.num_workers", "data.options.cache_size")
+
+
+def resumable_fields(data: dict) -> dict:
+    """The flattened job or config without what a rerun may change."""
+    return {k: v for k, v in flatten_dict(data).items()
+            if not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)}
 
 
 @dataclass
@@ -41,8 +52,9 @@ class TrialSpec:
 
 
 def trial_key(job: Job) -> str:
-    """The trial's identity: a hash of what it trains and evaluates (the core's config, seed included)."""
-    blob = json.dumps({k: v for k, v in to_dict(job.config).items() if k != "name"}, sort_keys=True, default=str)
+    """The trial's identity: a hash of what it trains and evaluates (the core's config, seed included;
+    not where its data lives or how many loader processes read it)."""
+    blob = json.dumps(resumable_fields(to_dict(job.config)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

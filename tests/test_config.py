@@ -176,3 +176,12 @@ def check_reproduction_spec(path):
         assert cfg.optim.epochs >= 10 and cfg.optim.batch_size == 256
         seen.add(label)
     assert seen == set(spec["rows"]) | set(spec["equal_time"])
+
+
+def test_a_submit_spec_with_bad_options_names_them():
+    from grafit_core.errors import ConfigError
+    from orchestrator.submit import check_locally
+    for argv, msg in ((["sweep", "jobs/smoke.yaml", "--workers", "2"], "unrecognized arguments: --workers 2"),
+                      (["train", "jobs/smoke.yaml", "--workers", "x"], "argument --workers: invalid int value: 'x'")):
+        with pytest.raises(ConfigError, match=f"^spec.yaml: options: {msg}$"):
+            check_locally(argv, "spec.yaml")

@@ -41,10 +41,12 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     folder = write_omniglot(tmp / "omniglot")
     cfg = config_from_dict({"data": {"name": "omniglot", "root": str(tmp / "omniglot"), "train_level": "alphabet",
-                                     "augment": "characters", "image_size": 16, "options": {"cache_size": None}},
+                                     "augment": "characters", "image_size": 16},   # Omniglot's default cache
                             "model": {"trunk": "conv4", "width": 8, "embed_dim": 16, "hidden_dim": 32},
                             "optim": {"epochs": 2, "batch_size": 16},
-                            "eval": {"val_size": 30, "k_candidates": [3, 5]}})
+                            # one candidate: conditioned mAP takes p_c from the vote at the training
+                            # level's k, and `grafit evaluate --k` sets one k for every level
+                            "eval": {"val_size": 30, "k_candidates": [5]}})
     train, query = prepare_data(cfg.data)
     assert train.invert                                       # the loader inverts: ink bright on black
     ckpt = tmp / "ckpt"
@@ -61,7 +63,7 @@ def evaluate(capsys, ckpt, folder, k) -> dict:
 def test_evaluate_on_the_training_folder_reproduces_the_run(trained, capsys, tmp_path):
     folder, ckpt, res, _ = trained
     k = int(res.metrics["k/character"])
-    assert res.metrics["k/alphabet"] == k                    # one k for both levels: one --k reproduces both
+    assert res.metrics["k/alphabet"] == k                    # one k (one candidate): one --k reproduces both
     got = evaluate(capsys, ckpt, folder, k)                   # drawers 16-20 are the last quarter by name
     for level in ("alphabet", "character"):
         for metric in ("knn_top1", "map_cosine", "map_cond", "map_oracle"):
@@ -74,7 +76,8 @@ def test_evaluate_on_the_training_folder_reproduces_the_run(trained, capsys, tmp
     torch.save(state, old / "train_state.pt")
     assert evaluate(capsys, str(old), folder, k) == got
     # what the pipeline prevents: the same files read without the inversion give another answer
-    state["meta"]["pipeline"] = {"channels": 1, "invert": False, "augment": "characters", "image_size": 16}
+    state["meta"]["pipeline"] = {"channels": 1, "invert": False, "augment": "characters", "image_size": 16,
+                                 "decoded_size": 32}
     torch.save(state, old / "train_state.pt")
     assert evaluate(capsys, str(old), folder, k)["character"]["map_cosine"] != got["character"]["map_cosine"]
 
@@ -95,9 +98,9 @@ def test_search_and_its_index_embed_the_collection_as_the_run_exported_it(traine
     # an index built with another pipeline is never reused: its key differs
     from grafit_core.data.pipeline import Pipeline
     from orchestrator.search import index_key
-    inverted = Pipeline(1, True, "characters", 16)
+    inverted = Pipeline(1, True, "characters", 16, 32)
     assert index_key(ckpt, train.paths, ["a"], inverted) != index_key(ckpt, train.paths, ["a"],
-                                                                      Pipeline(1, False, "characters", 16))
+                                                                      Pipeline(1, False, "characters", 16, 32))
 
 
 def test_fine_tuning_refuses_images_read_unlike_the_trunk(trained):

@@ -138,7 +138,7 @@ def test_a_changed_sweep_definition_is_refused_naming_the_keys(tmp_path, capsys)
     assert f"{path}: the sweep 'resume' in {tmp_path / 'runs'} was started with another definition" in err
     assert "optim.epochs: 3 then, 4 now" in err and "sweep.space.method.sigma.grid" in err
     # what only says where and how wide it runs may change
-    wider = {**job, "sweep": {**job["sweep"], "max_concurrent": 2, "workers": 2}}
+    wider = {**job, "sweep": {**job["sweep"], "workers": 2, "cpus_per_worker": 1}}
     assert grafit(["sweep", write(tmp_path, wider), "--storage-path", str(tmp_path / "runs"), "--check"]) == 0
 
 
