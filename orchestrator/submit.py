@@ -25,6 +25,7 @@ from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import tracking
 from orchestrator.job import load_job
 from orchestrator.prepare import RUN_COMMANDS, add_run_flags, prepare
+from orchestrator.sweep import check_definition
 
 ROOT = tracking.ROOT
 KINDS = tuple(RUN_COMMANDS)
@@ -99,7 +100,9 @@ def check_locally(argv: list[str], path: str) -> None:
     parser.error = refuse
     args = parser.parse_args(argv[1:])
     args.config = os.path.join(ROOT, args.config)
-    prepare(kind, args)
+    prep = prepare(kind, args)
+    if kind in ("sweep", "matrix"):           # where a sweep resumes from, refused here too
+        check_definition(prep.job, args.storage_path)
 
 
 def storage_path(spec: dict, flag: str | None, path: str) -> str:
