@@ -41,7 +41,8 @@ def search_algorithm(job: Job, objective: str | None = None):
     maximising `objective` (job.objective_metric of the test levels)."""
     if job.sweep.search == "random":          # seeded: a rerun draws the same trials, so they resume
         from ray.tune.search.basic_variant import BasicVariantGenerator
-        return BasicVariantGenerator(random_state=job.config.seed)
+        # a search algorithm passed to Tune ignores TuneConfig's max_concurrent_trials: it limits itself
+        return BasicVariantGenerator(random_state=job.config.seed, max_concurrent=job.sweep.max_concurrent)
     if objective is None:
         raise ValueError("search: tpe needs the objective metric (job.objective_metric(levels))")
     # imported here, and the classes defined here: importing Tune's Optuna searcher costs every

@@ -150,11 +150,11 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec),
                                     {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
     # TPE is told the objective at each trial's end (the mean over its replicates); ASHA reads sw.metric per epoch
+    limit = sw.max_concurrent if sw.search == "tpe" else None   # random: the seeded generator limits itself
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
                        tune_config=tune.TuneConfig(scheduler=scheduler,
                                                    search_alg=search_algorithm(job, objective_metric(spec.test_levels)),
-                                                   num_samples=num_trials(job),
-                                                   max_concurrent_trials=sw.max_concurrent),
+                                                   num_samples=num_trials(job), max_concurrent_trials=limit),
                        run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name))
     return tuner.fit()
 

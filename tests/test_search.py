@@ -54,7 +54,11 @@ def test_random_search_replicates_are_a_grid_over_seeds(tmp_path):
     job = load_job(write(tmp_path, {"space": SIGMA, "seeds": 3, "num_samples": 2, "scheduler": "fifo"}, seed=5))
     assert tune_space(job)["seed"] == {"grid_search": [5, 6, 7]}
     assert num_trials(job) == 2                        # Tune repeats the 3-seed grid twice: 6 trials
-    assert search_algorithm(job, OBJECTIVE) is None
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    alg = search_algorithm(job, OBJECTIVE)                # seeded (a rerun draws the same trials), concurrency kept
+    assert isinstance(alg, BasicVariantGenerator) and alg.max_concurrent == job.sweep.max_concurrent
+    draws = [BasicVariantGenerator(random_state=5)._random_state.uniform(size=3) for _ in range(2)]
+    assert (alg._random_state.uniform(size=3) == draws[0]).all() and (draws[0] == draws[1]).all()
     assert "seed" not in tune_space(load_job(write(tmp_path, {"space": SIGMA})))
 
 
