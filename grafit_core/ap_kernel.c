@@ -280,3 +280,54 @@ int grafit_topk(int64_t row0, int64_t row1, const float *scores, int64_t n, int6
         topk_row(scores + i * stride, n, k, vals + i * k, idx + i * k);
     return 0;
 }
+
+/* Each function above over [0, q) in `parts` row ranges, run by torch's own OpenMP threads (built
+ * with -fopenmp, this library shares the libgomp that torch loaded: same soname). Not a pool of
+ * our own beside torch's: after each product torch's idle OpenMP threads spin for milliseconds,
+ * sharing the cores with that pool's threads (the AP of a group right after a product took 20%
+ * longer, 2 threads). Threads take the ranges from a counter as they free up. Only GOMP_parallel
+ * is needed from libgomp. */
+int grafit_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define ROWS_PARALLEL(call)                                                                         \
+    int64_t next = 0;                                                                               \
+    int code = 0;                                                                                   \
+    _Pragma("omp parallel num_threads(threads)")                                                    \
+    for (;;) {                                                                                      \
+        const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);                           \
+        if (t >= parts) break;                                                                      \
+        const int64_t row0 = q * t / parts, row1 = q * (t + 1) / parts;                             \
+        const int c = call;                                                                         \
+        if (c) __atomic_store_n(&code, c, __ATOMIC_RELAXED);                                        \
+    }                                                                                               \
+    return code;
+
+int grafit_count_ge_par(int threads, int64_t parts, int64_t q, const float *scores, int64_t n, int64_t stride,
+                        const float *thr, int64_t r_max, const float *logits, int64_t n_coarse,
+                        const int64_t *coarse, int64_t *n_ge) {
+    ROWS_PARALLEL(grafit_count_ge(row0, row1, scores, n, stride, thr, r_max, logits, n_coarse, coarse, n_ge))
+}
+
+int grafit_gather_par(int threads, int64_t parts, int64_t q, const float *scores, int64_t stride,
+                      const int64_t *order, const int64_t *start, const int64_t *size, const int64_t *pos0,
+                      const float *logits, int64_t n_coarse, const int64_t *coarse, float pad, float *thr,
+                      int64_t r_max) {
+    ROWS_PARALLEL(grafit_gather(row0, row1, scores, stride, order, start, size, pos0, logits, n_coarse, coarse, pad,
+                                thr, r_max))
+}
+
+int grafit_ap_par(int threads, int64_t parts, int64_t q, const float *thr, int64_t r_max, const int64_t *n_rel,
+                  const int64_t *n_ge, double *ap) {
+    ROWS_PARALLEL(grafit_ap(row0, row1, thr, r_max, n_rel, n_ge, ap))
+}
+
+int grafit_topk_par(int threads, int64_t parts, int64_t q, const float *scores, int64_t n, int64_t stride,
+                    int64_t k, float *vals, int64_t *idx) {
+    ROWS_PARALLEL(grafit_topk(row0, row1, scores, n, stride, k, vals, idx))
+}

@@ -9,7 +9,8 @@ q x R work around it (R ~ N / C relevant items per query) weighs as much: torch'
 arithmetic, searchsorted and float64 temporaries cost 3x the count there (issue 14).
 
 The library is built with the system C compiler ($CC, else cc) into ~/.cache/grafit (or
-$GRAFIT_CACHE), keyed by the source's hash, written atomically (Ray workers may build at once).
+$GRAFIT_CACHE), keyed by the source's hash, written atomically (Ray workers may build at once);
+with -fopenmp where the compiler has it, so that its loops run on torch's own OpenMP threads.
 No compiler, a failed build or GRAFIT_AP_KERNEL=0: the torch path, with one warning.
 """
 import ctypes
@@ -33,9 +34,22 @@ RANGES = 4          # row ranges per thread (_split_rows)
 
 
 def _build():
+    """The library built with -fopenmp (torch's OpenMP threads run its loops), else without (the
+    thread pool of _split_rows runs them): a compiler without OpenMP, or a libgomp it needs that
+    torch's lacks."""
     with open(_SRC, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    error = None
+    for flags in (_FLAGS + ["-fopenmp"], _FLAGS):
+        try:
+            return _load(_compiled(source, flags))
+        except (OSError, subprocess.SubprocessError) as exc:
+            error = exc                 # the plain build's, if that fails too
+    raise error
+
+
+def _compiled(source, flags):
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     cache = os.environ.get("GRAFIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "grafit")
     lib = os.path.join(cache, f"ap_kernel-{key}-{platform.machine()}.so")
     if not os.path.exists(lib):
@@ -43,13 +57,17 @@ def _build():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            subprocess.run([os.environ.get("CC", "cc"), *_FLAGS, _SRC, "-o", tmp, "-lm"], check=True,
+            subprocess.run([os.environ.get("CC", "cc"), *flags, _SRC, "-o", tmp, "-lm"], check=True,
                            capture_output=True, timeout=120)
             os.chmod(tmp, 0o755)                # mkstemp's 0600 would hide it from a shared cache
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return lib
+
+
+def _load(lib):
     dll = ctypes.CDLL(lib)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     # every function starts with its row range [row0, row1): _split_rows gives one per thread
@@ -57,8 +75,12 @@ def _build():
     dll.grafit_gather.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_float, ptr, i64]
     dll.grafit_ap.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr]
     dll.grafit_topk.argtypes = [i64, i64, ptr, i64, i64, i64, ptr, ptr]
+    dll.grafit_openmp.restype = ctypes.c_int
     for fn in (dll.grafit_count_ge, dll.grafit_gather, dll.grafit_ap, dll.grafit_topk):
         fn.restype = ctypes.c_int
+        # its twin on OpenMP threads: (threads, parts, q) instead of the row range
+        par = getattr(dll, fn.__name__ + "_par")
+        par.argtypes, par.restype = [ctypes.c_int, i64, i64, *fn.argtypes[2:]], ctypes.c_int
     return dll
 
 
@@ -92,14 +114,19 @@ def _pool(threads):
 
 
 def _split_rows(fn, q, *args):
-    """fn(row0, row1, *args) over row ranges run by the torch threads; ctypes releases the GIL
-    during each call, so the ranges run in parallel. RANGES per thread, taken as threads free up:
-    on a shared machine one descheduled thread does not hold the others up by a half."""
+    """fn(row0, row1, *args) over row ranges, RANGES per thread, taken as threads free up: on a
+    shared machine one descheduled thread does not hold the others up by a half. A compiled fn runs
+    on torch's OpenMP threads where the library has OpenMP (its twin fn_par), else, like a Python
+    fn, on a pool of as many threads (ctypes and numpy release the GIL)."""
     pool_size = max(1, torch.get_num_threads())
     parts = min(pool_size * RANGES if pool_size > 1 else 1, max(q, 1))
-    bounds = [q * t // parts for t in range(parts + 1)]
-    calls = [(bounds[t], bounds[t + 1], *args) for t in range(parts) if bounds[t] < bounds[t + 1]]
-    codes = list(_pool(pool_size).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
+    par = getattr(kernel(), fn.__name__ + "_par", None) if hasattr(fn, "argtypes") else None
+    if parts > 1 and par is not None and kernel().grafit_openmp():
+        codes = [par(pool_size, parts, q, *args)]
+    else:
+        bounds = [q * t // parts for t in range(parts + 1)]
+        calls = [(bounds[t], bounds[t + 1], *args) for t in range(parts) if bounds[t] < bounds[t + 1]]
+        codes = list(_pool(pool_size).map(lambda a: fn(*a), calls)) if len(calls) > 1 else [fn(*c) for c in calls]
     if any(codes):
         why = {1: "out of memory", 2: "k larger than the row", 3: "a row too long"}.get(max(codes), "unknown")
         raise RuntimeError(f"grafit AP kernel: {fn.__name__} failed: {why}")
@@ -188,7 +215,8 @@ def average_precision(thr, n_rel, n_ge):
 
 def group_ap(scores, order, start, size, r_max, shift=None):
     """(q,) float64 AP of each row, unsharded (+inf pads): gather, sort_rows, count_at_or_above and
-    average_precision, the same calls and bits, but each thread takes a row range through all four
+    average_precision, the same calls and bits. With OpenMP, one after another on torch's threads
+    (the sort on the pool: numpy); without, each pool thread takes a row range through all four
     (one hand-out of ranges instead of four, with a thread idle at the end of each)."""
     scores, order = _rows(scores), order.long().contiguous()
     start, size = start.long().contiguous(), size.long().contiguous()
@@ -200,6 +228,9 @@ def group_ap(scores, order, start, size, r_max, shift=None):
     if q and (bool((start < 0).any() | (size < 0).any()) or int((start + size).max()) > len(order)
               or int(size.max()) > r_max):
         raise IndexError("group_ap: a row's relevant columns fall outside the label index or r_max")
+    if kernel().grafit_openmp():
+        thr = sort_rows(gather(scores, order, start, size, pos0, r_max, float("inf"), shift))
+        return average_precision(thr, size, count_at_or_above(thr, scores, shift))
     logits, n_coarse, coarse, _keep = _shift_args(shift, scores)
     thr = torch.empty(q, r_max, dtype=torch.float32)
     n_ge = torch.empty(q, r_max, dtype=torch.int64)

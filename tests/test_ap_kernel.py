@@ -246,3 +246,30 @@ def test_group_ap_equals_the_separate_steps_and_the_torch_path(seed):
         np.testing.assert_array_equal(got.numpy(), ref.numpy())
     with pytest.raises(IndexError):
         ap_kernel.group_ap(s, index.order, start, size, int(size.max()) - 1, shift)
+
+
+def test_openmp_threads_and_the_pool_give_the_same_results(monkeypatch):
+    # built with OpenMP, the loops run on torch's threads; without it (or told so here), on the
+    # pool of _split_rows: the same row ranges, the same bits
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(37, 4000, generator=g) * 16).round() / 16
+    s[:, ::41] = float("nan")
+    labels, ql = torch.randint(0, 3, (4000,), generator=g), torch.randint(0, 4, (37,), generator=g)
+    index = LabelIndex(labels, 4)
+    start, size = index.slices(ql)
+    shift = (torch.randn(37, 5, generator=g), torch.randint(0, 5, (4000,), generator=g))
+
+    def results():
+        return [*ap_kernel.topk(s, 9), ap_kernel.group_ap(s, index.order, start, size, int(size.max())),
+                ap_kernel.group_ap(s, index.order, start, size, int(size.max()), shift)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        omp = results()
+        monkeypatch.setattr(ap_kernel.kernel(), "grafit_openmp", lambda: 0)
+        pool = results()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(omp, pool):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
