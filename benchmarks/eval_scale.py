@@ -79,12 +79,17 @@ def sklearn_per_query(q, ql, c, cl, n_queries):
     return (time.perf_counter() - start) / n_queries, np.array(aps)
 
 
-def run_size(n, n_q, d, repeat):
+def problem(n, n_q, d):
+    """Queries and collection (raw and normalised) with their labels, seeded by n."""
     g = torch.Generator().manual_seed(n)
     fine_c = centres(d, g)
     q, ql = embeddings(n_q, fine_c, g)
     c, cl = embeddings(n, fine_c, g)
-    qn, cn = normalise(q), normalise(c)
+    return q, ql, c, cl, normalise(q), normalise(c)
+
+
+def run_size(n, n_q, d, repeat):
+    q, ql, c, cl, qn, cn = problem(n, n_q, d)
     # interleaved rounds, best of each: a burst of load on a shared machine hits every timing alike
     best = {}
     for _ in range(repeat):
@@ -116,11 +121,7 @@ def run_size(n, n_q, d, repeat):
 
 def by_classes(n, n_q, d, classes, repeat):
     """{C: one pass (kNN k = 20 + cosine mAP at a level of C classes) / bare product}, interleaved."""
-    g = torch.Generator().manual_seed(n)
-    fine_c = centres(d, g)
-    q, ql = embeddings(n_q, fine_c, g)
-    c, cl = embeddings(n, fine_c, g)
-    qn, cn = normalise(q), normalise(c)
+    q, ql, c, cl, qn, cn = problem(n, n_q, d)
     best = {}
     for _ in range(repeat):
         for name in ["mm", *classes]:
