@@ -44,6 +44,7 @@ class WorkerSpec:
     threads: int = 1
     mlflow: Optional[MlflowTarget] = None
     on_step: Optional[Callable] = None        # on_step(epoch, step_in_epoch, rank): progress, fault injection
+    latest: Optional[str] = None              # the newest complete checkpoint of this name when the run started
 
 
 def worker_loop(spec: WorkerSpec) -> dict:
@@ -67,10 +68,13 @@ def worker_loop(spec: WorkerSpec) -> dict:
     ctx = DistContext(rank=rctx.get_world_rank(), world_size=world, device=ray.train.torch.get_device(),
                       group=group)
     train, test = prepare_data(cfg.data)
-    resume_dir = None
-    if ray.train.get_checkpoint() is not None:
+    resume_dir, restored = None, ray.train.get_checkpoint()
+    if restored is not None:
         resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
-        ray.train.get_checkpoint().to_directory(resume_dir)
+        restored.to_directory(resume_dir)
+    elif spec.latest:                         # a driver killed before Ray Train recorded its last checkpoints
+        resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
+        shutil.copytree(spec.latest, resume_dir, dirs_exist_ok=True)
     run = spec.mlflow
     # records go through a journal and a sender thread: a tracking server that is down delays
     # them, never a training step (the driver replays what is left)
@@ -171,7 +175,8 @@ def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worke
     check_resources(workers, cpus_per_worker, gpus_per_worker)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    spec = WorkerSpec(to_dict(cfg), cfg.source or "<config>", task, max(1, int(cpus_per_worker)), mlflow, on_step)
+    spec = WorkerSpec(to_dict(cfg), cfg.source or "<config>", task, max(1, int(cpus_per_worker)), mlflow, on_step,
+                      latest_checkpoint(os.path.join(storage_uri(storage_path), name or cfg.name)))
     trainer = TorchTrainer(
         worker_loop, train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
