@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from grafit_core.config import flatten_dict
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import figures, journal, tracking
 from orchestrator.job import Job, job_dict, job_with, objective_metric

@@ -138,12 +138,11 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(run_dir, found[-1]) if found else None
 
 
-def check_checkpoint(cfg: Config, storage_path: str, name: str) -> None:
+def check_checkpoint(cfg: Config, latest: str | None) -> None:
     """Rerunning a name resumes its latest checkpoint: refuse here, not in the workers, when that
     checkpoint was written by another config (errors name the keys that differ)."""
     from grafit_core.checkpoint import saved_config
     from grafit_core.config import check_resumable
-    latest = latest_checkpoint(os.path.join(storage_path, name))
     saved = saved_config(latest) if latest and os.path.exists(os.path.join(latest, "train_state.pt")) else None
     if saved is not None:
         check_resumable(saved, to_dict(cfg), latest)
@@ -170,13 +169,14 @@ def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worke
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if task == "fit":                                         # a pre-training checkpoint's config,
-        check_checkpoint(cfg, storage_path, name or cfg.name)  # before any cluster resource is taken
+    latest = latest_checkpoint(os.path.join(storage_uri(storage_path), name or cfg.name))
+    if task == "fit":                         # a pre-training checkpoint's config, before any cluster resource
+        check_checkpoint(cfg, latest)
     check_resources(workers, cpus_per_worker, gpus_per_worker)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     spec = WorkerSpec(to_dict(cfg), cfg.source or "<config>", task, max(1, int(cpus_per_worker)), mlflow, on_step,
-                      latest_checkpoint(os.path.join(storage_uri(storage_path), name or cfg.name)))
+                      latest)
     trainer = TorchTrainer(
         worker_loop, train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
