@@ -103,7 +103,7 @@ def run_size(n, n_q, d, repeat):
     t_mm, t1, t2, t3 = best["mm"], best["1"], best["2"], best["3"]
     n_sk = 20
     per_query, ref = sklearn_per_query(q, ql, c, cl, n_sk)
-    ours = aps[("cosine", "fine")][:n_sk].numpy()
+    ours = aps[("cosine", "fine")][:n_sk, 0].numpy()
     assert np.allclose(ours, ref, atol=1e-6), "mAP differs from sklearn"
     t_knn, _ = timed(lambda: knn_predict(q, c, {"fine": cl["fine"]}, 0, [20], SIGMA, {"fine": FINE}, DistContext()),
                      repeat)

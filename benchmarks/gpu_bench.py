@@ -98,7 +98,7 @@ def eval_rate(args, device):
     sync(device)
     t_eval = time.perf_counter() - start
     top1 = float((preds[("fine", 20, 0.05)] == qf).float().mean())
-    return t_mm, t_eval, top1, float(aps[("cosine", "fine")].nanmean())
+    return t_mm, t_eval, top1, float(aps[("cosine", "fine")][:, 0].nanmean())
 
 
 def main(argv=None) -> int:

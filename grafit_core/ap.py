@@ -1,5 +1,6 @@
 """Exact average precision from scores, without sorting the N scores of a row (paper §4.1:
-category-level retrieval mAP, as sklearn's average_precision_score, ties included).
+category-level retrieval mAP, as sklearn's average_precision_score, ties included), and MAP@R
+(Musgrave et al. 2020) from the same counts.
 
 Per query, AP needs, for each of its R relevant items, #relevant and #items scoring at or above
 it. The relevant scores are gathered through a label index (O(R), never a Q x N mask), sorted
@@ -23,7 +24,8 @@ from grafit_core import ap_kernel
 # Per chunk of queries, everything the pass allocates beside the (normalised) embeddings: half for
 # the q x N/W scores (metrics.pass_rows), a quarter for the AP's q x R buffers, the rest slack.
 CHUNK_BYTES = 128 << 20
-PAIR_BYTES = 128          # peak per (query, relevant item), torch: threshold, count, indices, float64 precisions
+PAIR_BYTES = 176          # peak per (query, relevant item), torch: threshold, count, indices, float64 precisions
+                          # (AP and MAP@R)
 FUSED_PAIR_BYTES = 40     # compiled: threshold, count, and their copies where summed over shards
 
 
@@ -66,8 +68,8 @@ class LabelIndex:
 
 
 def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budget=CHUNK_BYTES // 4):
-    """(q,) float64 AP of each row of `scores` (this process's columns of the collection); NaN for
-    a query with no relevant item anywhere.
+    """(q, 2) float64 [AP, MAP@R] of each row of `scores` (this process's columns of the collection);
+    NaN for a query with no relevant item anywhere.
 
     shift: None, or (logits (q, C), coarse (n,)): rank by scores + logits[row, coarse[item]]
     (eq. 5), added on the fly by the compiled counting loop instead of a q x N tensor.
@@ -92,7 +94,7 @@ def chunk_ap(scores, query_labels, index, *, ctx=None, ws=None, shift=None, budg
     return torch.cat([_group_ap(scores[a:b], query_labels[a:b], index, n_rel[a:b], col_start[a:b],
                                 ctx if sharded else None, ws, fused,
                                 None if shift is None else (shift[0][a:b], shift[1]))
-                      for a, b in groups] or [torch.empty(0, dtype=torch.float64)])
+                      for a, b in groups] or [torch.empty(0, 2, dtype=torch.float64)])
 
 
 def _row_groups(n_rel, pairs):
@@ -110,7 +112,7 @@ def _row_groups(n_rel, pairs):
 def _group_ap(scores, query_labels, index, n_rel, col_start, ctx, ws, fused, shift):
     r_max = int(n_rel.max())
     if r_max == 0:           # the same n_rel on every rank: all skip the remaining collectives
-        return torch.full((scores.shape[0],), float("nan"), dtype=torch.float64)
+        return torch.full((scores.shape[0], 2), float("nan"), dtype=torch.float64)
     # unsharded, the pads are +inf already; sharded, each rank's zeros add up to the others' scores
     pad = 0.0 if ctx else float("inf")
     if fused and not ctx:   # the same steps, a row range at a time through all of them
@@ -246,20 +248,24 @@ def _searchsorted_rows(thr, rows, values):
 
 
 def _ap_from_counts(thr, n_rel, n_ge):
-    """(q,) float64 AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r}.
+    """(q, 2) float64 [AP, MAP@R]: AP = 1/R * sum over relevant r of #{relevant >= s_r} / #{items >= s_r};
+    MAP@R (Musgrave et al. 2020) = the same sum over the relevant r ranked within the first R (rank =
+    #{items >= s_r}, ties counted at or above), divided by R.
 
     thr: sorted relevant scores (+inf pads past n_rel); n_ge from count_at_or_above_torch.
     NaN where a row has no relevant item.
     """
     r_max = thr.shape[1]
-    ap = torch.full((thr.shape[0],), float("nan"), dtype=torch.float64)
+    ap = torch.full((thr.shape[0], 2), float("nan"), dtype=torch.float64)
     # #relevant with score >= thr[r] = R - #thresholds strictly below thr[r] (handles ties)
     rel_ge = n_rel.unsqueeze(1) - torch.searchsorted(thr, thr, right=False)
     valid = torch.arange(r_max, device=thr.device).unsqueeze(0) < n_rel.unsqueeze(1)
-    prec = torch.where(valid, rel_ge.double() / n_ge.clamp(min=1).double(), 0.0)
+    rank = n_ge.clamp(min=1)
+    prec = torch.where(valid, rel_ge.double() / rank.double(), 0.0)
+    prec = torch.stack([prec, torch.where(rank <= n_rel.unsqueeze(1), prec, 0.0)], dim=1)   # (q, 2, r_max)
     has_rel = n_rel > 0
     # summed in threshold order (a CPU cumsum is sequential), as the compiled loop: the same bits,
     # whatever the row's group or width
-    total = prec.cumsum(1)[:, -1] if r_max else prec.sum(1)
-    ap[has_rel.cpu()] = (total[has_rel] / n_rel[has_rel].double()).cpu()
+    total = prec.cumsum(2)[:, :, -1] if r_max else prec.sum(2)
+    ap[has_rel.cpu()] = (total[has_rel] / n_rel[has_rel].double()[:, None]).cpu()
     return ap

@@ -220,23 +220,28 @@ int grafit_gather(int64_t row0, int64_t row1, const float *scores, int64_t strid
     return 0;
 }
 
-/* ap[i] = 1/R sum_{j < R} #relevant >= thr[i, j] / #items >= thr[i, j] (n_ge, at least 1), summed
+/* ap[i, 0] = 1/R sum_{j < R} #relevant >= thr[i, j] / #items >= thr[i, j] (n_ge, at least 1), summed
    in float64 in threshold order (the torch path's sequential cumsum: the same bits); NaN if R = 0.
    #relevant >= thr[j] = R - (first position of thr[j]'s value): the sorted row's ties, as
-   torch.searchsorted(left), which puts a NaN value past the row (r_max). */
+   torch.searchsorted(left), which puts a NaN value past the row (r_max). ap[i, 1] = MAP@R
+   (Musgrave et al. 2020): the same sum over the relevant items ranked within the first R (ties: the
+   rank is #items at or above), divided by R. */
 int grafit_ap(int64_t row0, int64_t row1, const float *thr, int64_t r_max, const int64_t *n_rel,
               const int64_t *n_ge, double *ap) {
     for (int64_t i = row0; i < row1; i++) {
         const float *t = thr + i * r_max;
         const int64_t *c = n_ge + i * r_max, r = n_rel[i];
-        double sum = 0.0;
+        double sum = 0.0, sum_r = 0.0;
         int64_t first = 0;
         for (int64_t j = 0; j < r; j++) {
             if (j == 0 || !(t[j] == t[j - 1])) first = j;
-            const int64_t at = t[j] == t[j] ? first : r_max;
-            sum += (double)(r - at) / (double)(c[j] > 1 ? c[j] : 1);
+            const int64_t at = t[j] == t[j] ? first : r_max, rank = c[j] > 1 ? c[j] : 1;
+            const double p = (double)(r - at) / (double)rank;
+            sum += p;
+            if (rank <= r) sum_r += p;
         }
-        ap[i] = r > 0 ? sum / (double)r : NAN;
+        ap[2 * i] = r > 0 ? sum / (double)r : NAN;
+        ap[2 * i + 1] = r > 0 ? sum_r / (double)r : NAN;
     }
     return 0;
 }

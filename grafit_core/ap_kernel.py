@@ -202,19 +202,19 @@ def gather(scores, order, start, size, pos0, r_max, pad, shift=None):
 
 
 def average_precision(thr, n_rel, n_ge):
-    """(q,) float64 AP from the sorted thresholds (q, r_max), #relevant (q,) and the counts at or
-    above (q, r_max): grafit_core.ap._ap_from_counts in one loop, the same bits."""
+    """(q, 2) float64 [AP, MAP@R] from the sorted thresholds (q, r_max), #relevant (q,) and the counts
+    at or above (q, r_max): grafit_core.ap._ap_from_counts in one loop, the same bits."""
     thr, n_ge, n_rel = thr.float().contiguous(), n_ge.long().contiguous(), n_rel.long().contiguous()
     if n_ge.shape != thr.shape or n_rel.shape != thr.shape[:1] or (len(n_rel) and int(n_rel.max()) > thr.shape[1]):
         raise ValueError(f"AP: thresholds {tuple(thr.shape)}, counts {tuple(n_ge.shape)}, R {tuple(n_rel.shape)}")
-    ap = torch.empty(thr.shape[0], dtype=torch.float64)
+    ap = torch.empty(thr.shape[0], 2, dtype=torch.float64)
     _split_rows(kernel().grafit_ap, thr.shape[0], thr.data_ptr(), thr.shape[1], n_rel.data_ptr(), n_ge.data_ptr(),
                 ap.data_ptr())
     return ap
 
 
 def group_ap(scores, order, start, size, r_max, shift=None):
-    """(q,) float64 AP of each row, unsharded (+inf pads): gather, sort_rows, count_at_or_above and
+    """(q, 2) float64 [AP, MAP@R] of each row, unsharded (+inf pads): gather, sort_rows, count_at_or_above and
     average_precision, the same calls and bits. With OpenMP, one after another on torch's threads
     (the sort on the pool: numpy); without, each pool thread takes a row range through all four
     (one hand-out of ranges instead of four, with a thread idle at the end of each)."""
@@ -234,7 +234,7 @@ def group_ap(scores, order, start, size, r_max, shift=None):
     logits, n_coarse, coarse, _keep = _shift_args(shift, scores)
     thr = torch.empty(q, r_max, dtype=torch.float32)
     n_ge = torch.empty(q, r_max, dtype=torch.int64)
-    ap = torch.empty(q, dtype=torch.float64)
+    ap = torch.empty(q, 2, dtype=torch.float64)
     lib, rows = kernel(), thr.numpy()
 
     def rows_ap(row0, row1):

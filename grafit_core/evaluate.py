@@ -118,9 +118,10 @@ def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, q
     metrics: dict[str, float] = {}
     for lv in test_levels:
         ap = aps[("cosine", lv)]
-        metrics[f"map_cosine/{lv}"], metrics[f"map_skipped/{lv}"] = _mean(ap), int(torch.isnan(ap).sum())
+        metrics[f"map_cosine/{lv}"], metrics[f"map_skipped/{lv}"] = _mean(ap[:, 0]), int(torch.isnan(ap[:, 0]).sum())
+        metrics[f"map_at_r/{lv}"] = _mean(ap[:, 1])
         if level != NONE_LEVEL:
-            metrics[f"map_oracle/{lv}"] = _mean(aps[("oracle", lv)])
+            metrics[f"map_oracle/{lv}"] = _mean(aps[("oracle", lv)][:, 0])
     for suffix, sigma, chosen in plans:
         part = {}
         for lv in test_levels:
@@ -130,7 +131,7 @@ def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, q
             cond = "cond" if query_logits is not None else _cond_name(chosen[level], sigma)
             coarse = query_logits.argmax(1) if query_logits is not None else preds[(level, chosen[level], sigma)]
             part[f"coarse_top1/{level}"] = float((coarse.cpu() == query_labels[level]).float().mean())
-            part.update({f"map_cond/{lv}": _mean(aps[(cond, lv)]) for lv in test_levels})
+            part.update({f"map_cond/{lv}": _mean(aps[(cond, lv)][:, 0]) for lv in test_levels})
         metrics.update({f"{k}/{suffix}" if suffix else k: v for k, v in part.items()})
     return metrics
 

@@ -240,7 +240,7 @@ def evaluate_pass(query, shard, offset, shard_labels, query_labels, num_classes,
     one merged top-max(k). rankings: {name: Ranking}. ap_levels: the levels whose AP is computed
     under every ranking. chunk_size: queries per score matrix (default pass_rows: the same on every
     rank, as the collectives need).
-    Returns ({(level, k, sigma): (Q,) predicted labels}, {(ranking, level): (Q,) float64 AP}).
+    Returns ({(level, k, sigma): (Q,) predicted labels}, {(ranking, level): (Q, 2) float64 [AP, MAP@R]}).
     """
     dev, n_local = query.device, shard.shape[0]
     n_total = _global_size(n_local, offset, ctx, dev)
@@ -277,4 +277,4 @@ def evaluate_pass(query, shard, offset, shard_labels, query_labels, num_classes,
                 shift = (logits, lab[r.level])
             for lv in ap_levels:
                 aps[(name, lv)].append(chunk_ap(scores, qlab[lv][start:stop], index[lv], ctx=ctx, ws=ws, shift=shift))
-    return preds, {key: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for key, v in aps.items()}
+    return preds, {key: torch.cat(v) if v else torch.empty(0, 2, dtype=torch.float64) for key, v in aps.items()}

@@ -11,7 +11,7 @@ from orchestrator.job import parse_set
 from orchestrator.prepare import format_table, launch, prepare
 from orchestrator.workers import tracked_training
 
-METRIC_COLUMNS = ["k", "knn_top1", "map_cosine", "map_cond", "map_oracle"]
+METRIC_COLUMNS = ["k", "knn_top1", "map_cosine", "map_at_r", "map_cond", "map_oracle"]
 
 
 def cmd_local(args) -> int:

@@ -67,6 +67,21 @@ def average_precisions(query, query_labels, coll, coll_labels, coarse=None, prob
                         dtype=torch.float64)
 
 
+def map_at_r(scores, relevant):
+    """(Q,) MAP@R by brute force: for each relevant item, its rank = #items scoring at or above it;
+    those ranked within R add #relevant at or above / rank; the sum over R. NaN without a relevant item."""
+    s, rel = np.asarray(scores, dtype=np.float64), np.asarray(relevant, dtype=bool)
+    out = []
+    for row, r in zip(s, rel):
+        total = 0.0
+        for j in np.nonzero(r)[0]:
+            above = row >= row[j]
+            if above.sum() <= r.sum():
+                total += (above & r).sum() / above.sum()
+        out.append(total / r.sum() if r.any() else np.nan)
+    return np.array(out)
+
+
 def retrieval_map(aps):
     aps = aps[~torch.isnan(aps)]
     return aps.mean().item() if aps.numel() else math.nan

@@ -31,7 +31,7 @@ def average_precisions(query, query_labels, coll, coll_labels, *, coarse=None, p
         labels["coarse"], nc["coarse"], ranking = coarse, probs.shape[1], Ranking("coarse", probs=probs)
     _, aps = evaluate_pass(query, coll, 0, labels, {"fine": query_labels}, nc, CTX, votes=set(), ap_levels=["fine"],
                            rankings={"r": ranking}, chunk_size=chunk_size)
-    return aps[("r", "fine")]
+    return aps[("r", "fine")][:, 0]
 
 
 def _data(seed, q=40, n=300, d=16, classes=5):
@@ -189,10 +189,33 @@ def test_ap_tied_scores_match_sklearn(counting):
     cl, ql = torch.randint(0, 5, (200,), generator=g), torch.randint(0, 5, (30,), generator=g)
     ql[0] = 7  # no relevant item -> NaN
     relevant = ql[:, None] == cl[None, :]
-    got = chunk_ap(scores, ql, LabelIndex(cl))
+    got = chunk_ap(scores, ql, LabelIndex(cl))[:, 0]
     expected = _sklearn_aps(scores.numpy(), relevant.numpy())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
     assert math.isnan(got[0].item())
+
+
+def test_map_at_r_brute_force_with_ties(counting):
+    # MAP@R (Musgrave et al. 2020) in the same pass as AP: against a brute force that counts, for each
+    # relevant item, the items at or above it (its rank among ties) and keeps those ranked within R
+    g = torch.Generator().manual_seed(11)
+    scores = (torch.rand(40, 300, generator=g) * 2 - 1).mul(8).round().div(8).float()   # many exact ties
+    cl, ql = torch.randint(0, 6, (300,), generator=g), torch.randint(0, 6, (40,), generator=g)
+    ql[3] = 9                                                                             # no relevant item
+    got = chunk_ap(scores, ql, LabelIndex(cl))
+    np.testing.assert_allclose(got[:, 1].numpy(), oracles.map_at_r(scores, ql[:, None] == cl[None, :]),
+                               rtol=1e-12, atol=1e-12)
+    assert math.isnan(got[3, 1].item()) and (got[:, 1][ql != 9] <= got[:, 0][ql != 9] + 1e-12).all()
+    # without ties it is Musgrave's definition: precision at each of the first R ranks that holds a match
+    scores = torch.rand(40, 300, generator=g)
+    rel = (ql[:, None] == cl[None, :]).numpy()
+    order = np.argsort(-scores.numpy(), axis=1, kind="stable")
+    want = []
+    for i in range(40):
+        r = rel[i].sum()
+        hits = rel[i][order[i]][:r]
+        want.append(np.sum(np.cumsum(hits) / np.arange(1, r + 1) * hits) / r if r else np.nan)
+    np.testing.assert_allclose(chunk_ap(scores, ql, LabelIndex(cl))[:, 1].numpy(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_ap_exact_ties_through_public_api(counting):
@@ -271,7 +294,7 @@ def test_ap_chunk_sizes_and_row_groups(counting):
     r_max = int(index.counts(cl[rows]).max())
     pair = PAIR_BYTES if counting == "torch" else FUSED_PAIR_BYTES
     for budget in (1, pair * r_max * 2, pair * r_max * 3):
-        got = chunk_ap(scores, cl[rows], index, budget=budget)
+        got = chunk_ap(scores, cl[rows], index, budget=budget)[:, 0]
         assert torch.equal(got, ref)        # each row's AP is summed alone: the same bits in any group
     np.testing.assert_allclose(ref.numpy(), oracles.average_precisions(coll[rows], cl[rows], coll, cl).numpy(),
                                rtol=1e-12, atol=1e-12)

@@ -69,14 +69,14 @@ def knn_probs(query, shard, labels, offset, k, ctx, **kw):
                       for _, sims, labs, _ in knn_neighbours(query, shard, [labels], offset, k, ctx, **kw)])
 
 
-def pass_aps(q, ql, coll, cl, offset, ctx, coarse=None, probs=None, chunk_size=None):
-    """(Q,) APs of the one pass on this rank's shard, cosine or eq. 5 with the given p_c."""
+def pass_aps(q, ql, coll, cl, offset, ctx, coarse=None, probs=None, chunk_size=None, column=0):
+    """(Q,) APs (column 1: MAP@R) of the one pass on this rank's shard, cosine or eq. 5 with the given p_c."""
     labels, nc, ranking = {"fine": cl}, {"fine": 10}, Ranking()
     if probs is not None:
         labels["coarse"], nc["coarse"], ranking = coarse, probs.shape[1], Ranking("coarse", probs=probs)
     _, aps = evaluate_pass(q, coll, offset, labels, {"fine": ql}, nc, ctx, votes=set(), ap_levels=["fine"],
                            rankings={"r": ranking}, chunk_size=chunk_size)
-    return aps[("r", "fine")]
+    return aps[("r", "fine")][:, column]
 
 
 # ---------------------------------------------------------------------------- workers
@@ -113,6 +113,7 @@ def ap_worker(ctx):
     targs = (tq, tql, tcoll[own], tcl[own], lo, ctx)
     out["tie_cos"] = pass_aps(*targs, chunk_size=6)
     out["tie_cond"] = pass_aps(*targs, tcoarse[own], tprobs)
+    out["tie_at_r"] = pass_aps(*targs, tcoarse[own], tprobs, chunk_size=5, column=1)
     if ctx.world_size == 3:  # N = 2 < W: the last shard is empty
         lo2, _, own2 = _mine(ctx, 2)
         out["tiny"] = pass_aps(q, ql, coll[:2][own2], cl[:2][own2], lo2, ctx)
@@ -274,6 +275,9 @@ def test_sharded_average_precisions_equal_single_process(world_size):
                                rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got["tie_cond"].numpy(), oracles.average_precisions(
         tq, tql, tcoll, tcl, tcoarse, tprobs).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got["tie_at_r"].numpy(), one["tie_at_r"].numpy())     # MAP@R, ties, sharded
+    np.testing.assert_allclose(got["tie_at_r"].numpy(), oracles.map_at_r(
+        oracles.ranked_scores(tq, tcoll, tcoarse, tprobs), tql[:, None] == tcl[None]), rtol=1e-12, atol=1e-12)
     if world_size == 3:
         np.testing.assert_allclose(got["tiny"].numpy(), oracles.average_precisions(q, ql, coll[:2], cl[:2]).numpy(),
                                    rtol=0, atol=1e-6)
@@ -294,8 +298,11 @@ def test_one_pass_evaluation_equals_the_oracles(world_size):
                     ("knn", knn_probs5)]:
         for lv in ("fine", "coarse"):
             ref = oracles.average_precisions(q, ql[lv], coll, cl[lv], cl["coarse"], p)
-            np.testing.assert_allclose(got["aps"][(name, lv)].numpy(), ref.numpy(), rtol=0, atol=1e-6,
+            np.testing.assert_allclose(got["aps"][(name, lv)][:, 0].numpy(), ref.numpy(), rtol=0, atol=1e-6,
                                        err_msg=f"{name} {lv}")
+            ref = oracles.map_at_r(oracles.ranked_scores(q, coll, cl["coarse"], p), ql[lv][:, None] == cl[lv][None])
+            np.testing.assert_allclose(got["aps"][(name, lv)][:, 1].numpy(), ref, rtol=0, atol=1e-6,
+                                       err_msg=f"MAP@R {name} {lv}")
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
