@@ -20,6 +20,20 @@ from grafit_core.errors import ConfigError
 
 
 @dataclass
+class UnseenConfig:
+    """Whole coarse classes held out of training: their collection and queries (the dataset's own split)
+    are evaluated apart, at every test level (`knn_top1/<level>/unseen`, grafit_core.data.hold_out)."""
+    level: Optional[str] = None               # the level whose classes are held out; default the coarsest
+    classes: list[str] = field(default_factory=list)   # held out by name, or ...
+    fraction: float = 0.0                     # ... this fraction of the level's classes, drawn with `seed`
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.classes) or self.fraction > 0
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"                   # a key of grafit_core.data.DATASETS
     root: Optional[str] = None                # relative paths are relative to the config file
@@ -31,6 +45,7 @@ class DataConfig:
     num_views: int = 2                        # T of eq. 1
     check_images: Literal["raise", "skip"] = "raise"   # what the up-front image check does
     num_workers: int = 0                      # DataLoader worker processes
+    unseen: UnseenConfig = field(default_factory=UnseenConfig)   # coarse classes never trained on
 
 
 @dataclass
@@ -204,6 +219,10 @@ def validate(cfg: Config) -> Config:
             bad(key, f"must be >= 0, got {value}")
     if not 0 <= ft.warmup_epochs < ft.epochs:
         bad("finetune.warmup_epochs", f"must be in [0, finetune.epochs = {ft.epochs}), got {ft.warmup_epochs}")
+    if d.unseen.classes and d.unseen.fraction:
+        bad("data.unseen", "give classes or fraction, not both")
+    if not 0 <= d.unseen.fraction < 1:
+        bad("data.unseen.fraction", f"must be in [0, 1), got {d.unseen.fraction}")
     for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),
                             ("data.num_views", d.num_views, 1), ("data.image_size", d.image_size, 8),
                             ("model.embed_dim", cfg.model.embed_dim, 1), ("eval.val_size", e.val_size, 1)):
@@ -318,9 +337,18 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def flat_config(cfg_dict: dict) -> dict:
+    """flatten_dict, without data.unseen when nothing is held out: the same keys as a config (a
+    checkpoint, a sweep's definition) written before that section existed."""
+    flat = flatten_dict(cfg_dict)
+    if not flat.get("data.unseen.classes") and not flat.get("data.unseen.fraction"):
+        flat = {k: v for k, v in flat.items() if not k.startswith("data.unseen.")}
+    return flat
+
+
 def fingerprint_fields(cfg_dict: dict) -> dict:
     """The flattened config values that define a training run (see FINGERPRINT_IGNORES)."""
-    return {k: v for k, v in flatten_dict(cfg_dict).items()
+    return {k: v for k, v in flat_config(cfg_dict).items()
             if not any(k == ign or (ign.endswith(".") and k.startswith(ign)) for ign in FINGERPRINT_IGNORES)}
 
 

@@ -24,7 +24,7 @@ from grafit_core.data.pipeline import pipeline_of
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
 from grafit_core.distributed import DistContext
-from grafit_core.evaluate import check_against_data, evaluate, online_knn, validation_indices
+from grafit_core.evaluate import check_against_data, evaluate, evaluate_unseen, online_knn, validation_indices
 from grafit_core.memory import MemoryBank, ShardedMemoryBank, shard_bounds
 from grafit_core.methods import Method, get_method
 from grafit_core.models import ema_tau
@@ -264,4 +264,11 @@ def fit(cfg: Config, train: Collection, query: Collection, ctx: DistContext = Di
     queries = gather_rows(queries, len(query), ctx)
     query_logits = gather_rows(query_logits, len(query), ctx)
     metrics = evaluate(cfg, shard, memory.offset, train, queries, query, test_levels, ctx, query_logits)
+    if train.unseen is not None:            # data.unseen: the held-out classes, with the k chosen on the seen ones
+        coll, held = train.unseen
+        u_shard, _ = embed_sharded(method, coll, cfg, ctx, eval_tf)
+        u_queries = gather_rows(embed_sharded(method, held, cfg, ctx, eval_tf)[0], len(held), ctx)
+        metrics.update(evaluate_unseen(cfg, u_shard, shard_bounds(len(coll), ctx.world_size, ctx.rank)[0], coll,
+                                       u_queries, held, test_levels, {lv: metrics[f"k/{lv}"] for lv in test_levels},
+                                       ctx))
     return FitResult(method, metrics, history, embeddings=shard, offset=memory.offset)

@@ -136,6 +136,30 @@ def evaluate(cfg: Config, shard: torch.Tensor, offset: int, train: Collection, q
     return metrics
 
 
+@torch.no_grad()
+def evaluate_unseen(cfg: Config, shard: torch.Tensor, offset: int, coll: Collection, queries: torch.Tensor,
+                    query: Collection, test_levels: list[str], ks: dict[str, int],
+                    ctx: DistContext = DistContext()) -> dict[str, float]:
+    """The coarse classes held out of training (data.unseen): their queries against their own
+    collection, in one pass, at every test level: kNN top-1 with the k chosen for that level on the
+    seen collection (`ks`), mAP and MAP@R by cosine; keys `<metric>/<level>/unseen`. Conditioned and
+    oracle mAP are not computed: p_c has no entry for a coarse class never trained on."""
+    lo, hi = offset, offset + len(shard)
+    bank_labels = {lv: torch.as_tensor(coll.labels_at(lv))[lo:hi] for lv in test_levels}
+    query_labels = {lv: torch.as_tensor(query.labels_at(lv)) for lv in test_levels}
+    nc = {lv: coll.num_classes(lv) for lv in test_levels}
+    votes = {(lv, ks[lv], cfg.eval_sigma) for lv in test_levels}
+    preds, aps = evaluate_pass(queries, shard, offset, bank_labels, query_labels, nc, ctx, votes=votes,
+                               ap_levels=test_levels, rankings={"cosine": Ranking()})
+    metrics = {}
+    for lv in test_levels:
+        ap = aps[("cosine", lv)]
+        metrics[f"knn_top1/{lv}/unseen"] = float((preds[(lv, ks[lv], cfg.eval_sigma)].cpu()
+                                                   == query_labels[lv]).float().mean())
+        metrics[f"map_cosine/{lv}/unseen"], metrics[f"map_at_r/{lv}/unseen"] = _mean(ap[:, 0]), _mean(ap[:, 1])
+    return metrics
+
+
 def _cond_name(k: int, sigma: float) -> str:
     return f"cond_k{k}_s{sigma}"
 

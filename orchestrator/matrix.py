@@ -19,33 +19,40 @@ from orchestrator.journal import Journal
 from orchestrator.prepare import launch, prepare
 from orchestrator.sweep import check_definition, run_sweep
 
-METRICS = ("knn_top1", "map_cosine", "map_cond", "map_oracle", "finetune_top1")
+METRICS = ("knn_top1", "map_cosine", "map_at_r", "map_cond", "map_oracle", "finetune_top1")
 CONDITIONED = ("map_cond", "map_oracle")     # rank by the training level's classes: only finer levels say anything
+UNSEEN = "/unseen"                            # the suffix of a column of held-out classes (data.unseen)
 NOT_MEANINGFUL = "–"                          # how such a cell is shown (None in the JSON, absent in MLflow)
 
 
 def meaningful(metric: str, train_level: str, test_level: str, levels: list[str]) -> bool:
     """Conditioned or oracle mAP at a test level not finer than the training level is not a result
-    (oracle ranking then sorts by the test label itself)."""
+    (oracle ranking then sorts by the test label itself); on the held-out classes (`<level>/unseen`)
+    neither they (p_c has no entry for a class never trained on) nor fine-tuning are."""
+    if UNSEEN in test_level:
+        return metric not in (*CONDITIONED, "finetune_top1")
     return (metric not in CONDITIONED or train_level not in levels
             or levels.index(test_level) > levels.index(train_level))
 
 
 def assemble(grid, test_levels: list[str], levels: list[str] | None = None) -> dict:
     """{metric: {method: {train_level: {test_level: value or None (not meaningful)}}}} from the
-    trials' final metrics; levels: the dataset's, coarse -> fine (default the test levels)."""
+    trials' final metrics; test_levels: the columns (Prepared.columns); levels: the dataset's,
+    coarse -> fine (default the test levels)."""
     out, levels = {metric: {} for metric in METRICS}, levels or test_levels
     for r in grid:
         if r.error is not None or not r.metrics or not r.metrics.get("trained"):
             continue
         method, level = r.config["method.name"], r.config["data.train_level"]
         for metric in METRICS:
-            cells = {lv: r.metrics[f"{metric}/{lv}"] if meaningful(metric, level, lv, levels) else None
-                     for lv in test_levels if f"{metric}/{lv}" in r.metrics}
+            shown = {lv: meaningful(metric, level, lv, levels) for lv in test_levels}
+            cells = {lv: r.metrics[f"{metric}/{lv}"] if shown[lv] else None
+                     for lv in test_levels if f"{metric}/{lv}" in r.metrics or (UNSEEN in lv and not shown[lv])}
             if cells:
                 out[metric].setdefault(method, {})[level] = cells
-    if not out["finetune_top1"]:                # only with matrix.finetune
-        del out["finetune_top1"]
+    for metric in ("finetune_top1", "map_at_r"):   # only with matrix.finetune / from runs that have it
+        if not any(v is not None for rows in out[metric].values() for cells in rows.values() for v in cells.values()):
+            del out[metric]
     return out
 
 
@@ -80,8 +87,9 @@ def artifacts(matrices: dict, train_levels: list[str], test_levels: list[str]):
         for method, rows in per_method.items():
             yield f"heatmap_{metric}_{method}.png", figures.heatmap(rows, train_levels, test_levels,
                                                                    f"{method}: {metric} (%)")
-        if per_method:
-            yield f"levels_{metric}.png", figures.level_lines(per_method, train_levels, test_levels[-1], metric)
+        if per_method:                       # Fig. 3: at the finest level of the seen classes
+            finest = [lv for lv in test_levels if UNSEEN not in lv][-1]
+            yield f"levels_{metric}.png", figures.level_lines(per_method, train_levels, finest, metric)
 
 
 def log_matrices(log: Journal, matrices: dict, train_levels: list[str], test_levels: list[str]) -> None:
@@ -101,12 +109,12 @@ def print_matrices(matrices: dict, train_levels: list[str], test_levels: list[st
 
 
 def format_matrix(rows: dict, train_levels: list[str], test_levels: list[str]) -> str:
-    width = max(len(tl) for tl in train_levels) + 6
-    lines = [" " * width + "".join(f"{'test ' + lv:>18s}" for lv in test_levels)]
+    width, col = max(len(tl) for tl in train_levels) + 6, max(18, *(len(lv) + 7 for lv in test_levels))
+    lines = [" " * width + "".join(f"{'test ' + lv:>{col}s}" for lv in test_levels)]
     for tl in train_levels:
         cells = rows.get(tl, {})
         lines.append(f"{'train ' + tl:<{width}s}" + "".join(
-            f"{cell_text(cells, lv, lambda v: f'{100 * v:.1f}'):>18s}" for lv in test_levels))
+            f"{cell_text(cells, lv, lambda v: f'{100 * v:.1f}'):>{col}s}" for lv in test_levels))
     return "\n".join(lines)
 
 
@@ -164,12 +172,12 @@ def cmd_matrix(args) -> int:
     matrices = {}
 
     def after(grid, log):
-        matrices.update(assemble(grid, levels, prep.train.hierarchy.levels))
-        log_matrices(log, matrices, train_levels, levels)
+        matrices.update(assemble(grid, prep.columns, prep.train.hierarchy.levels))
+        log_matrices(log, matrices, train_levels, prep.columns)
         example_figures(log, grid, prep.train, prep.query, train_levels, levels)
 
     grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures, after=after)
-    print_matrices(matrices, train_levels, levels)
+    print_matrices(matrices, train_levels, prep.columns)
     print("\n" + tracking.where(tracking.tracking_uri(), parent, "parent run (matrices, heatmaps, one child run per "
                                                             "cell)", experiment=True))
     return 0 if grid.num_errors == 0 else 1

@@ -64,6 +64,12 @@ class Prepared:
     fingerprint: str                          # of the dataset (tracking.dataset_fingerprint)
     summary: str                              # one line for --check
 
+    @property
+    def columns(self) -> list[str]:
+        """The test levels, then `<level>/unseen` for the classes data.unseen holds out of training."""
+        unseen = [f"{lv}/unseen" for lv in self.levels] if self.job.config.data.unseen.active else []
+        return self.levels + unseen
+
 
 def check_batch(batch: int, key: str, workers: int, flag: str, source: str) -> None:
     if batch % workers:
@@ -110,7 +116,7 @@ def prepare(kind: str, args: argparse.Namespace) -> Prepared:
     if kind == "train" and cfg.model.sync_bn and args.gpus_per_worker <= 0:
         raise GrafitError(f"{src}: model.sync_bn: SyncBatchNorm needs GPU workers "
                           f"(--gpus-per-worker > 0); on CPU BatchNorm statistics stay per worker")
-    train, query = prepare_data(cfg.data)      # data errors surface before any cluster resource
+    train, query = prepare_data(cfg.data, src)      # data errors surface before any cluster resource
     levels = [check_finetune(cfg, train)] if kind == "finetune" else check_against_data(cfg, train)
     summary = f"{', '.join(methods)} on {len(train)} images, levels {', '.join(levels)}"
     if kind == "matrix":

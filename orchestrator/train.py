@@ -32,7 +32,7 @@ def cmd_local(args) -> int:
                      "minutes": f"{(time.time() - start) / 60:.1f}", **res.metrics,
                      **({"note": res.skipped} if res.skipped else {})})
         results[name] = {"metrics": res.metrics, "history": res.history, "skipped": res.skipped}
-    for lv in prep.levels:
+    for lv in prep.columns:
         print(f"\n== test level: {lv} (trained on {cfg.data.train_level}; kNN top-1 and mAP, %) ==")
         print(format_table(rows, ["method", *(f"{m}/{lv}" for m in METRIC_COLUMNS)]))
     if args.output:
@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
         print(f"skipped: {final['skipped']}")
     else:
         rows = [{"test level": lv, **{k.split("/")[0]: v for k, v in final["metrics"].items() if k.endswith(f"/{lv}")}}
-                for lv in prep.levels]
+                for lv in prep.columns]
         print(format_table(rows, ["test level", *METRIC_COLUMNS]))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
     print(tracking.where(tracking.tracking_uri(), result.run_id, "run"))

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from grafit_core.config import flatten_dict, to_dict, with_overrides
+from grafit_core.config import flat_config, to_dict, with_overrides
 from grafit_core.data import NONE_LEVEL
 from grafit_core.methods import get_method
 from orchestrator import journal
@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = ("name", "tracking.embeddings_max_mb", "tracking.log_checkpo
 
 def resumable_fields(data: dict) -> dict:
     """The flattened job or config without what a rerun may change."""
-    return {k: v for k, v in flatten_dict(data).items()
+    return {k: v for k, v in flat_config(data).items()
             if not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)}
 
 

@@ -67,7 +67,7 @@ def worker_loop(spec: WorkerSpec) -> dict:
     group = dist.new_group(backend="gloo") if world > 1 and spec.task == "fit" else None
     ctx = DistContext(rank=rctx.get_world_rank(), world_size=world, device=ray.train.torch.get_device(),
                       group=group)
-    train, test = prepare_data(cfg.data)
+    train, test = prepare_data(cfg.data, spec.source)
     resume_dir, restored = None, ray.train.get_checkpoint()
     if restored is not None:
         resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")

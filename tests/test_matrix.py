@@ -71,6 +71,21 @@ def test_conditioned_and_oracle_map_not_finer_than_the_training_level_are_shown_
     assert [t.get_text() for t in fig.axes[0].texts] == ["100.0", "90.0", "–", "90.0", "–", "–"]
 
 
+def test_unseen_columns_show_knn_map_and_map_at_r_and_no_conditioned_map():
+    # a column per test level for the held-out classes: conditioned/oracle mAP and fine-tuning "–" there
+    m = {"trained": 1, "knn_top1/b": 0.8, "map_cosine/b": 0.5, "map_at_r/b": 0.4, "map_cond/b": 0.6,
+         "map_oracle/b": 0.9, "knn_top1/b/unseen": 0.3, "map_cosine/b/unseen": 0.2, "map_at_r/b/unseen": 0.1}
+    out = matrix.assemble([trial("grafit", "a", m)], ["b", "b/unseen"], ["a", "b"])
+    assert out["knn_top1"]["grafit"]["a"] == {"b": 0.8, "b/unseen": 0.3}
+    assert out["map_at_r"]["grafit"]["a"] == {"b": 0.4, "b/unseen": 0.1}
+    assert out["map_cond"]["grafit"]["a"] == {"b": 0.6, "b/unseen": None}
+    assert out["map_oracle"]["grafit"]["a"] == {"b": 0.9, "b/unseen": None}
+    assert "finetune_top1" not in out
+    text = matrix.format_matrix(out["map_cond"]["grafit"], ["a"], ["b", "b/unseen"]).splitlines()
+    assert text[0].split() == ["test", "b", "test", "b/unseen"] and text[1].split() == ["train", "a", "60.0", "–"]
+    assert matrix.to_csv(out["map_cond"], ["a"], ["b", "b/unseen"]).splitlines()[1] == "grafit,a,0.600000,–"
+
+
 def test_matrix_sweep_is_a_fifo_grid_over_methods_and_levels():
     from orchestrator.job import job_from_dict, matrix_sweep
     sw = matrix_sweep(job_from_dict({"data": {"name": "synthetic"}, "matrix": {"methods": ["grafit", "ce"]}}, "<dict>"),

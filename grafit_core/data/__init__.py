@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
+
 from grafit_core.data.cifar import load_cifar100
 from grafit_core.data.folders import load_folders, load_omniglot
 from grafit_core.data.hierarchy import NONE_LEVEL, Collection, Hierarchy, build_hierarchy
+from grafit_core.data.images import split_collection
 from grafit_core.data.imagenet import load_imagenet
 from grafit_core.data.inaturalist import load_inaturalist
 from grafit_core.data.synthetic import load_synthetic
@@ -55,13 +58,55 @@ def load_dataset(name: str, root: str | None, options: dict) -> tuple[Collection
     return get_loader(name)(root, **options)
 
 
-def prepare_data(data_cfg) -> tuple[Collection, Collection]:
+def prepare_data(data_cfg, source: str = "<config>") -> tuple[Collection, Collection]:
     """Load both collections and check every image up front (header, size, truncation), so a
     broken file is refused, or dropped by `check_images: skip`, before any training starts and
-    every worker then sees the same dataset."""
+    every worker then sees the same dataset. With data.unseen, the seen part of each (hold_out)."""
     train, query = load_dataset(data_cfg.name, data_cfg.root, data_cfg.options)
-    return train.check_images(data_cfg.check_images), query.check_images(data_cfg.check_images)
+    train, query = train.check_images(data_cfg.check_images), query.check_images(data_cfg.check_images)
+    return hold_out(train, query, data_cfg.unseen, source) if data_cfg.unseen.active else (train, query)
 
 
-__all__ = ["prepare_data", "DATASETS", "NONE_LEVEL", "Collection", "Hierarchy", "build_hierarchy",
-           "check_options", "get_loader", "load_dataset"]
+def held_out_classes(hierarchy: Hierarchy, unseen, source: str = "<config>") -> tuple[str, list[int]]:
+    """(level, class ids) that data.unseen holds out: named, or a seeded fraction of the level's
+    classes (at least one, never all). Raises ConfigError naming the key."""
+    level = unseen.level or hierarchy.levels[0]
+    if level not in hierarchy.levels:
+        raise ConfigError(f"{source}: data.unseen.level: {level!r} is not a level of the dataset "
+                          f"({', '.join(hierarchy.levels)})")
+    names = hierarchy.classes[level]
+    if unseen.classes:
+        unknown = [c for c in unseen.classes if c not in names]
+        if unknown:
+            raise ConfigError(f"{source}: data.unseen.classes: {unknown[0]!r} is not a class of level {level!r} "
+                              f"(e.g. {', '.join(names[:3])})")
+        ids = sorted({names.index(c) for c in unseen.classes})
+    else:
+        n = min(max(1, round(unseen.fraction * len(names))), len(names) - 1)
+        ids = sorted(np.random.default_rng(unseen.seed).permutation(len(names))[:n].tolist())
+    if len(ids) >= len(names):
+        raise ConfigError(f"{source}: data.unseen.classes: every class of level {level!r} is held out; "
+                          f"nothing is left to train on")
+    return level, ids
+
+
+def hold_out(train: Collection, query: Collection, unseen,
+             source: str = "<config>") -> tuple[Collection, Collection]:
+    """The collection and queries without the held-out classes; their images, split the same way,
+    ride along as `train.unseen = (collection, queries)` for the evaluation. Labels keep their ids."""
+    level, ids = held_out_classes(train.hierarchy, unseen, source)
+    parts = {}
+    for name, coll in (("train", train), ("query", query)):
+        out = np.isin(coll.labels_at(level), ids)
+        parts[name] = (split_collection(coll, np.nonzero(~out)[0].tolist(), coll.name),
+                       split_collection(coll, np.nonzero(out)[0].tolist(), f"{coll.name} (unseen)"))
+    if not len(parts["train"][1]) or not len(parts["query"][1]):
+        raise ConfigError(f"{source}: data.unseen: the held-out classes of level {level!r} have no "
+                          f"{'collection' if not len(parts['train'][1]) else 'query'} images")
+    seen = parts["train"][0]
+    seen.unseen = (parts["train"][1], parts["query"][1])
+    return seen, parts["query"][0]
+
+
+__all__ = ["prepare_data", "hold_out", "held_out_classes", "DATASETS", "NONE_LEVEL", "Collection", "Hierarchy",
+           "build_hierarchy", "check_options", "get_loader", "load_dataset"]

@@ -6,7 +6,7 @@ Every dataset loader returns `Collection`s that share one `Hierarchy`. The level
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +100,8 @@ class Collection:
     `check_images()`. Sample i of a collection has global index i: the memory bank,
     samplers and metrics all use these indices.
     """
+
+    unseen: Optional[tuple["Collection", "Collection"]] = None   # held-out classes (data.unseen): collection, queries
 
     def __init__(self, name: str, hierarchy: Hierarchy, labels: dict[str, np.ndarray]):
         self.name = name
