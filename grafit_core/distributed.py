@@ -34,6 +34,15 @@ class DistContext:
             dist.all_reduce(t, group=self.group)
         return t
 
+    def share_buffers(self, module: torch.nn.Module) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm statistics) before an evaluation: without
+        SyncBatchNorm each rank's follow its own batches (DDP copies rank 0's only at the next
+        training forward), so each shard would be embedded by a slightly different model, none of
+        them the one the checkpoint holds (rank 0's)."""
+        if self.distributed:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0, group=self.group)
+
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-sized tensors from every rank along dim 0 (no gradient)."""
         if not self.distributed:

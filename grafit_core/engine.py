@@ -232,6 +232,7 @@ def train_method(cfg: Config, train: Collection, labels: np.ndarray, ctx: DistCo
                 checkpoint.save(directory, ctx, method=method, optimizer=optimizer, memory=memory,
                                 epoch=_epoch, step=step, history=history, fingerprint=fingerprint, meta=meta)
             on_epoch(epoch + 1, stats, save)
+    ctx.share_buffers(method.net)                               # evaluate the checkpoint's model on every rank
     return method, eval_tf, history, memory
 
 

@@ -177,6 +177,7 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
             losses.append(float(loss.detach()))
             step += 1
         stats = reduce_mean({"loss": sum(losses) / len(losses), "first_step_loss": losses[0]}, ctx)
+        ctx.share_buffers(net)                                  # rank 0's BatchNorm statistics: the checkpoint's
         stats.update({f"finetune_{k}/{level}": v for k, v in accuracy(net, test, test_labels, cfg, ctx).items()})
         stats.update(epoch=epoch + 1, epoch_time_s=time.time() - start)
         history.append(stats)

@@ -11,6 +11,7 @@ from grafit_core.data.transforms import build_transform
 from grafit_core.distributed import DistContext
 from grafit_core.engine import embed, fit
 from grafit_core.errors import ConfigError
+from gloo import run_gloo
 
 torch.set_num_threads(1)
 
@@ -58,22 +59,39 @@ def test_bad_holdouts_name_the_key(unseen, key):
         prepare_data(job(unseen).data, "x.yaml")
 
 
-def test_fit_reports_unseen_metrics_equal_to_an_independent_recomputation():
-    cfg = job({"classes": ["a2"]})
+def fit_and_recompute(ctx, unseen):
+    """A whole fit's metrics, and its unseen metrics recomputed from the trained model's embeddings
+    of the held-out images in this one process (oracles: a stable sort, sklearn, a brute force)."""
+    torch.set_num_threads(1)
+    cfg = job(unseen)
     train, query = prepare_data(cfg.data)
-    res = fit(cfg, train, query, log=lambda s: None)
+    res = fit(cfg, train, query, ctx, log=lambda s: None)
     coll, held = train.unseen
     tf = build_transform(cfg.data.augment, cfg.data.image_size, 3, train=False)
-    z, _ = embed(res.method, coll, cfg, DistContext(), tf)
-    zq, _ = embed(res.method, held, cfg, DistContext(), tf)
-    for lv in ("l0", "l1", "l2"):
-        cl, ql = torch.as_tensor(coll.labels_at(lv)), torch.as_tensor(held.labels_at(lv))
-        k = res.metrics[f"k/{lv}"]                            # chosen on the seen collection
-        pred = oracles.knn_predict(zq, z, cl, k, cfg.eval_sigma, coll.num_classes(lv))
-        assert res.metrics[f"knn_top1/{lv}/unseen"] == pytest.approx((pred == ql).double().mean().item(), abs=1e-6)
-        assert res.metrics[f"map_cosine/{lv}/unseen"] == pytest.approx(
-            oracles.retrieval_map(oracles.average_precisions(zq, ql, z, cl)), abs=1e-6)
-        at_r = oracles.map_at_r(oracles.scores(zq, z), ql[:, None] == cl[None])
-        assert res.metrics[f"map_at_r/{lv}/unseen"] == pytest.approx(np.nanmean(at_r), abs=1e-6)
-        assert f"map_cond/{lv}/unseen" not in res.metrics and f"map_oracle/{lv}/unseen" not in res.metrics
-    assert res.metrics["knn_top1/l0/unseen"] == 1.0           # one held-out class: every vote is right
+    want = {}
+    for suffix, (bank, queries) in (("/unseen", (coll, held)), ("", (train, query))):
+        z, _ = embed(res.method, bank, cfg, DistContext(), tf)
+        zq, _ = embed(res.method, queries, cfg, DistContext(), tf)
+        for lv in ("l0", "l1", "l2"):
+            cl, ql = torch.as_tensor(bank.labels_at(lv)), torch.as_tensor(queries.labels_at(lv))
+            k = res.metrics[f"k/{lv}"]                        # chosen on the seen collection
+            pred = oracles.knn_predict(zq, z, cl, k, cfg.eval_sigma, bank.num_classes(lv))
+            want[f"knn_top1/{lv}{suffix}"] = (pred == ql).double().mean().item()
+            want[f"map_cosine/{lv}{suffix}"] = oracles.retrieval_map(oracles.average_precisions(zq, ql, z, cl))
+            at_r = oracles.map_at_r(oracles.scores(zq, z), ql[:, None] == cl[None])
+            want[f"map_at_r/{lv}{suffix}"] = float(np.nanmean(at_r))
+    return res.metrics, want
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fit_reports_unseen_metrics_equal_to_an_independent_recomputation(world_size):
+    # W = 2: the held-out collection is embedded and evaluated sharded, like the seen one, by one model:
+    # rank 0's, the checkpoint's (each rank's own BatchNorm statistics gave each shard another model)
+    runs = [fit_and_recompute(DistContext(), {"classes": ["a2"]})] if world_size == 1 else \
+        run_gloo(fit_and_recompute, 2, {"classes": ["a2"]})
+    got, want = runs[0]
+    assert all(r[0] == got for r in runs)                     # every rank reports the same metrics
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert not any(k.startswith(("map_cond/", "map_oracle/")) and k.endswith("/unseen") for k in got)
+    assert got["knn_top1/l0/unseen"] == 1.0                   # one held-out class: every vote is right
