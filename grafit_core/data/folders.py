@@ -163,12 +163,12 @@ def drawer_of(path: str) -> int:
 
 
 def load_omniglot(root: str, *, train_drawers: int = 15, cache_size: int | None = 32,
-                  invert: bool = True, download: bool = False
+                  invert: bool = True, download: bool = False, alphabets: list[str] | None = None
                   ) -> tuple[FileCollection, FileCollection]:
     """(train, query): drawers 1..train_drawers of every character train, the rest query.
 
     Levels alphabet -> character; grayscale; `invert` makes ink bright on black so that
-    padding and crops add background.
+    padding and crops add background. `alphabets`: only these (a quick subset; all by default).
     """
     if root is None:
         raise ConfigError("data.root: required for dataset 'omniglot'")
@@ -183,6 +183,13 @@ def load_omniglot(root: str, *, train_drawers: int = 15, cache_size: int | None 
         raise DataError(f"Omniglot not found at {root}: expected {root}/images_background/"
                         f"<Alphabet>/character<NN>/<charid>_<drawer>.png (or pass download=True)")
     rels = scan_tree(folder, 2, (".png",))
+    if alphabets is not None:
+        known = sorted({r[0] for r in rels})
+        unknown = [a for a in alphabets if a not in known]
+        if unknown or not alphabets:
+            raise ConfigError(f"data.options.alphabets: {unknown[0]!r} is not an alphabet of {folder} (e.g. "
+                              f"{', '.join(known[:3])})" if unknown else "data.options.alphabets: empty")
+        rels = [r for r in rels if r[0] in alphabets]
     train, train_names, query, query_names = [], [], [], []
     for r in rels:
         path = os.path.join(folder, *r)
