@@ -197,8 +197,13 @@ def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, par
     Rerunning into the same storage path and name continues its unfinished run."""
     cfg = job.config
     storage_key = f"{storage_uri(kwargs.get('storage_path', 'runs/ray')).rstrip('/')}/{kwargs.get('name') or cfg.name}"
+    latest = latest_checkpoint(storage_key)
+    # refusals come before the run and its journal folder exist: a refused command leaves nothing behind
+    check_resources(kwargs["workers"], kwargs.get("cpus_per_worker", 1.0), kwargs.get("gpus_per_worker", 0.0))
+    if kwargs.get("task", "fit") == "fit":
+        check_checkpoint(cfg, latest)
     run_id, logged = (tracking.resumable_run(uri, job.experiment, storage_key, finished_too=one_run)
-                      if latest_checkpoint(storage_key) else (None, 0))
+                      if latest else (None, 0))
     if run_id is None:
         run_id = tracking.start_run(uri, job.experiment, run_name, job_dict(job),
                                     {**tracking.provenance(fingerprint), **(tags or {}), "grafit.storage": storage_key},

@@ -74,3 +74,20 @@ def test_worker_sigkill_mid_epoch_resumes_to_the_same_metrics(ray_local, referen
     assert [h["loss"] for h in got["history"]] == pytest.approx(losses, abs=1e-5)
     for key, value in metrics.items():
         assert got["metrics"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_a_refusal_on_a_connected_cluster_leaves_no_run_and_no_folder(ray_local, tmp_path):
+    # the cluster's capacity is known only once connected: refused before the MLflow run and its
+    # journal folder exist (the local case is refused before Ray starts: test_reliability)
+    from mlflow.tracking import MlflowClient
+
+    from grafit_core.errors import GrafitError
+    from orchestrator.job import job_from_dict
+    from orchestrator.workers import tracked_training
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(GrafitError, match="--workers 5 needs 5 CPUs"):
+        tracked_training(job_from_dict(JOB, "job.yaml"), uri=uri, run_name="over", fingerprint="-", workers=5,
+                         storage_path=str(tmp_path / "runs"), name="over")
+    assert not (tmp_path / "runs").exists()
+    client = MlflowClient(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
