@@ -24,7 +24,7 @@ from grafit_core.config import read_yaml
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import tracking
 from orchestrator.job import load_job
-from orchestrator.prepare import RUN_COMMANDS, add_run_flags, prepare
+from orchestrator.prepare import RUN_COMMANDS, add_run_flags, format_table, prepare
 from orchestrator.sweep import check_definition
 
 ROOT = tracking.ROOT
@@ -34,6 +34,7 @@ SPEC_KEYS = ("kind", "config", "options", "set", "runtime_env", "entrypoint_num_
 EXCLUDES = [".git", ".venv", "runs", "mlflow.db", "mlartifacts", "mlruns", "__pycache__", "*.egg-info",
             ".pytest_cache"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ENTRYPOINT = "python -m orchestrator.cli "   # + the grafit command's arguments
 
 
 def load_spec(path: str) -> dict:
@@ -179,7 +180,7 @@ def cmd_submit(args) -> int:
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
                 "PYTHONUNBUFFERED": "1", **(env.pop("env_vars", None) or {}), "MLFLOW_TRACKING_URI": uri}
     runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
-    entrypoint = "python -m orchestrator.cli " + shlex.join(argv)
+    entrypoint = ENTRYPOINT + shlex.join(argv)
     jobs = job_server(args.address, args.token_file)
     deadline = time.time() + 120
     while True:
@@ -212,10 +213,23 @@ def cmd_jobs(args) -> int:
         return jobs_action(job_server(args.address, args.token_file), args)
 
 
+def job_rows(listed, now_ms: float) -> list[dict]:
+    """`grafit jobs list`: newest first, with submission time, duration, status and the grafit command."""
+    rows = []
+    for job in sorted(listed, key=lambda j: -(j.start_time or 0)):
+        start, end = job.start_time or 0, job.end_time or now_ms
+        seconds = max(0, int((end - start) / 1000)) if start else 0
+        command = job.entrypoint.replace(ENTRYPOINT, "grafit ", 1) if job.entrypoint else "-"
+        rows.append({"submitted": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else "-",
+                     "duration": f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s",
+                     "status": job.status.value, "id": job.submission_id or job.job_id, "command": command})
+    return rows
+
+
 def jobs_action(jobs, args) -> int:
     if args.action == "list":
-        for job in jobs.list_jobs():
-            print(f"{job.submission_id or job.job_id}  {job.status.value:10s}  {job.entrypoint}")
+        print(format_table(job_rows(jobs.list_jobs(), time.time() * 1000),
+                           ["submitted", "duration", "status", "id", "command"]))
         return 0
     if not args.id:
         raise GrafitError(f"grafit jobs {args.action}: give the job's submission id")

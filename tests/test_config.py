@@ -185,3 +185,19 @@ def test_a_submit_spec_with_bad_options_names_them():
                       (["train", "jobs/smoke.yaml", "--workers", "x"], "argument --workers: invalid int value: 'x'")):
         with pytest.raises(ConfigError, match=f"^spec.yaml: options: {msg}$"):
             check_locally(argv, "spec.yaml")
+
+
+def test_jobs_list_is_newest_first_with_times_status_and_the_grafit_command():
+    from types import SimpleNamespace
+
+    from orchestrator.submit import ENTRYPOINT, job_rows
+    status = SimpleNamespace
+    listed = [SimpleNamespace(submission_id="old", job_id=None, status=status(value="SUCCEEDED"),
+                              entrypoint=ENTRYPOINT + "train jobs/smoke.yaml", start_time=1_000_000, end_time=1_095_000),
+              SimpleNamespace(submission_id=None, job_id="new", status=status(value="RUNNING"),
+                              entrypoint="python other.py", start_time=9_000_000, end_time=None)]
+    rows = job_rows(listed, now_ms=12_725_000)
+    assert [r["id"] for r in rows] == ["new", "old"]
+    assert rows[0]["duration"] == "1h02m05s" and rows[1]["duration"] == "0h01m35s"     # running: until now
+    assert rows[1]["command"] == "grafit train jobs/smoke.yaml" and rows[0]["command"] == "python other.py"
+    assert rows[0]["status"] == "RUNNING" and rows[1]["submitted"].count(":") == 2
