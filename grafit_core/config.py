@@ -248,9 +248,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str, _seen: tuple = ()) -> dict:
+def read_yaml(path: str, _seen: tuple = (), origins: Optional[dict] = None) -> dict:
     """Safe-load a YAML mapping; `include: other.yaml` (relative to this file) supplies defaults
-    that this file's keys override, so a variant is a few lines on top of a base job."""
+    that this file's keys override, so a variant is a few lines on top of a base job. origins:
+    filled with {dotted key: the file it came from}, so that an error can name that file."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -262,13 +263,17 @@ def read_yaml(path: str, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: top level: expected a mapping, got {type(data).__name__}")
     include = data.pop("include", None)
     if include is None:
+        if origins is not None:
+            origins.update(dict.fromkeys(flatten_dict(data), path))
         return data
     if not isinstance(include, str):
         raise ConfigError(f"{path}: include: expected a file name, got {include!r}")
     base_path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), include))
     if base_path in _seen:
         raise ConfigError(f"{path}: include: {include} includes itself")
-    base = read_yaml(base_path, _seen + (base_path,))
+    base = read_yaml(base_path, _seen + (base_path,), origins)
+    if origins is not None:
+        origins.update(dict.fromkeys(flatten_dict(data), path))
     root = base.get("data", {}).get("root")
     if isinstance(root, str) and not os.path.isabs(os.path.expanduser(os.path.expandvars(root))):
         # a root inherited from the base stays relative to the base's folder

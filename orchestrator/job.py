@@ -3,6 +3,7 @@ reads (sweep, matrix, tracking). Errors name the file and the key, as the core's
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Job:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     matrix: MatrixConfig = field(default_factory=MatrixConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    origins: dict = field(default_factory=dict, repr=False)   # dotted key -> its file or `--set` (load_job)
 
     @property
     def source(self) -> str:
@@ -87,11 +89,41 @@ def parse_set(items: list[str] | None) -> dict:
 
 
 def load_job(path: str, overrides: dict | None = None) -> Job:
-    """Read a job file (includes merged), apply dotted overrides, validate every section."""
-    data = read_yaml(path)
+    """Read a job file (includes merged), apply dotted overrides, validate every section; an error
+    names where the faulty value came from (the file, an included file, or `--set`)."""
+    origins: dict = {}
+    data = read_yaml(path, origins=origins)
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
-    return job_from_dict(data, path, from_file=True)
+        origins.update({k: SET for k in origins if k.startswith(dotted + ".")}, **{dotted: SET})
+    with blamed(path, origins):
+        job = job_from_dict(data, path, from_file=True)
+    job.origins = origins
+    return job
+
+
+SET = "--set"
+
+
+@contextlib.contextmanager
+def blamed(path: str, origins: dict):
+    """A ConfigError `path: key: why` about a key that came from `--set` or from an included file
+    says so: `--set key: why`, `base.yaml (included by path): key: why`."""
+    try:
+        yield
+    except ConfigError as err:
+        text = str(err)
+        if not text.startswith(path + ": "):
+            raise
+        key = text[len(path) + 2:].split(": ", 1)[0]
+        parts = key.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        origin = next((origins[p] for p in prefixes if p in origins),
+                      next((o for k, o in origins.items() if k.startswith(key + ".")), path))
+        if origin == path:
+            raise
+        where = f"{SET} " if origin == SET else f"{origin} (included by {path}): "
+        raise ConfigError(where + text[len(path) + 2:]) from None
 
 
 def job_from_dict(data: dict, source: str, from_file: bool = False) -> Job:

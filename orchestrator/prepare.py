@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from grafit_core.data import Collection
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import tracking
-from orchestrator.job import Job, load_job, matrix_sweep, parse_set
+from orchestrator.job import Job, blamed, load_job, matrix_sweep, parse_set
 
 # kind: (help, example job, storage default, max_failures default, what the storage holds)
 RUN_COMMANDS = {
@@ -92,13 +92,19 @@ def check_sweep_against_data(job: Job, train) -> None:
 
 
 def prepare(kind: str, args: argparse.Namespace) -> Prepared:
-    """Everything a command checks before any cluster resource is taken, in one place."""
+    """Everything a command checks before any cluster resource is taken, in one place; errors name
+    where the value came from (the job file, an included file, `--set`)."""
+    job = load_job(args.config, parse_set(args.set))
+    with blamed(job.source, job.origins):
+        return _checked(kind, args, job)
+
+
+def _checked(kind: str, args: argparse.Namespace, job: Job) -> Prepared:
     from grafit_core.data import prepare_data
     from grafit_core.evaluate import check_against_data
     from grafit_core.finetune import check_finetune
     from grafit_core.methods import get_method
 
-    job = load_job(args.config, parse_set(args.set))
     cfg, src = job.config, job.source
     methods = {"local": (args.methods or cfg.method.name).split(",") if kind == "local" else [],
                "matrix": job.matrix.methods}.get(kind) or [cfg.method.name]

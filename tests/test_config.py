@@ -201,3 +201,20 @@ def test_jobs_list_is_newest_first_with_times_status_and_the_grafit_command():
     assert rows[0]["duration"] == "1h02m05s" and rows[1]["duration"] == "0h01m35s"     # running: until now
     assert rows[1]["command"] == "grafit train jobs/smoke.yaml" and rows[0]["command"] == "python other.py"
     assert rows[0]["status"] == "RUNNING" and rows[1]["submitted"].count(":") == 2
+
+
+@pytest.mark.parametrize("files, flags, said", [
+    ({"job.yaml": "include: smoke.yaml\nname: x\n"}, ["--set", "method.sigma=-1"], "--set method.sigma: must be > 0"),
+    ({"base.yaml": "include: smoke.yaml\nmethod: {sigma: -2}\n", "job.yaml": "include: base.yaml\n"}, [],
+     "{tmp}/base.yaml (included by {tmp}/job.yaml): method.sigma: must be > 0"),
+    ({"job.yaml": "include: smoke.yaml\n"}, ["--set", "data.train_level=zz"], "--set data.train_level: level 'zz'"),
+    ({"job.yaml": "include: smoke.yaml\nmethod: {sigma: -3}\n"}, [], "{tmp}/job.yaml: method.sigma: must be > 0")])
+def test_an_error_names_where_the_value_came_from(files, flags, said, tmp_path, capsys):
+    # a value given with --set, or merged from an included file, is blamed there, not on the job file
+    from orchestrator.cli import main
+    (tmp_path / "smoke.yaml").write_text(open(os.path.join(ROOT, "jobs", "smoke.yaml")).read())
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert main(["train", str(tmp_path / "job.yaml"), "--check", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grafit: error: " + said.format(tmp=tmp_path)) and err.count("\n") == 1, err
