@@ -12,6 +12,9 @@
 # runs/cluster), RAY_PORT (GCS, 6379), DASHBOARD_PORT (8265), HEAD_CPUS / WORKER_CPUS (default: the
 # cores split evenly over the nodes: logical CPUs of nodes on one machine add up), DASHBOARD_HOST
 # (127.0.0.1; anything else exposes the job server, which runs arbitrary code, to the network).
+# The nodes start with MLFLOW_TRACKING_URI (default http://127.0.0.1:$MLFLOW_PORT, the server of
+# cluster/mlflow_server.sh) and GRAFIT_STORAGE ($GRAFIT_CLUSTER_DIR/storage): every job inherits
+# them, so `ray job submit ... -- grafit train ...` records its run and checkpoints there.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$(realpath -m "${GRAFIT_CLUSTER_DIR:-$ROOT/runs/cluster}")"
@@ -26,11 +29,15 @@ export RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true
 # token authentication: every node, job and client must present this token
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$STATE/auth_token}"
+# where every job on these nodes records its runs and checkpoints (not its temporary working dir)
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://127.0.0.1:${MLFLOW_PORT:-5000}}"
+export GRAFIT_STORAGE="${GRAFIT_STORAGE:-$STATE/storage}"
 
 print_env() {
   echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
   echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT   # job server, for grafit submit / ray job"
-  echo "export GRAFIT_STORAGE=$STATE/storage                   # checkpoints: every node reaches it"
+  echo "export GRAFIT_STORAGE=$GRAFIT_STORAGE                   # checkpoints: every node reaches it"
+  echo "export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI          # the nodes' tracking server"
 }
 
 start() {
@@ -39,6 +46,7 @@ start() {
   local share=$((cores / nodes)); ((share >= 1)) || share=1
   local head_cpus="${HEAD_CPUS:-$share}" worker_cpus="${WORKER_CPUS:-$share}"
   mkdir -p "$STATE/storage"
+  [[ "$GRAFIT_STORAGE" == *://* ]] || mkdir -p "$GRAFIT_STORAGE"
   if [[ "$RAY_AUTH_MODE" == token && ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
     (umask 077 && python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH")
   fi

@@ -8,7 +8,7 @@
 # Settings (environment): GRAFIT_MLFLOW_DIR (default runs/mlflow-server: database, artifacts, pid,
 # log), MLFLOW_PORT (5000), MLFLOW_HOST (127.0.0.1; 0.0.0.0 lets other machines log, and read, runs),
 # MLFLOW_BACKEND (default sqlite:///<dir>/mlflow.db; e.g. postgresql://user:pw@db:5432/mlflow),
-# MLFLOW_WORKERS (2).
+# MLFLOW_WORKERS (2), MLFLOW_START_TIMEOUT_S (180).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="$(realpath -m "${GRAFIT_MLFLOW_DIR:-$ROOT/runs/mlflow-server}")"
@@ -33,7 +33,8 @@ start() {
   setsid "$MLFLOW" server --backend-store-uri "$BACKEND" --artifacts-destination "$DIR/artifacts" \
     --host "$HOST" --port "$PORT" --workers "${MLFLOW_WORKERS:-2}" >"$DIR/server.log" 2>&1 < /dev/null &
   echo $! > "$DIR/pid"
-  for _ in $(seq 1 120); do
+  local wait_s="${MLFLOW_START_TIMEOUT_S:-180}"      # a loaded machine takes a while to import the workers
+  for _ in $(seq 1 $((wait_s * 2))); do
     if curl -sf "http://$(reach):$PORT/health" >/dev/null; then
       echo "MLflow server on http://$HOST:$PORT (pid $(cat "$DIR/pid"), backend $(shown_backend))"
       echo "export MLFLOW_TRACKING_URI=http://$(reach):$PORT"
@@ -42,7 +43,7 @@ start() {
     kill -0 "$(cat "$DIR/pid")" 2>/dev/null || { cat "$DIR/server.log"; exit 1; }
     sleep 0.5
   done
-  echo "MLflow server did not answer on :$PORT within 60 s; see $DIR/server.log"; stop; exit 1
+  echo "MLflow server did not answer on :$PORT within $wait_s s; see $DIR/server.log"; stop; exit 1
 }
 
 stop() {

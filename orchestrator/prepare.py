@@ -34,7 +34,8 @@ def add_run_flags(p: argparse.ArgumentParser, kind: str) -> argparse.ArgumentPar
                    help="cluster address for ray.init (e.g. auto or HEAD:6379); default RAY_ADDRESS, "
                         "else a local Ray is started. Not the job-server URL of `grafit submit`")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
-    p.add_argument("--storage-path", default=storage, help=f"{storage_what} (default {storage})")
+    p.add_argument("--storage-path", default=os.environ.get("GRAFIT_STORAGE") or storage,
+                   help=f"{storage_what} (default GRAFIT_STORAGE, else {storage})")
     p.add_argument("--max-failures", type=int, default=failures,
                    help=f"worker-group restarts from the latest checkpoint before giving up (default {failures})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
@@ -165,9 +166,27 @@ def check_local_cpus(prep: Prepared) -> None:
                           f"of a cluster; nothing was started")
 
 
+def check_ray_job(storage_path: str, uri: str, cwd: str | None = None) -> None:
+    """Inside a Ray job (`ray job submit`, the Jobs SDK, a KubeRay RayJob) the working dir is a
+    temporary copy deleted with the job: refuse a tracking store or a storage path in it."""
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return
+    cwd = os.path.realpath(cwd or os.getcwd())
+    local = [f"MLflow store {uri}" for path in [uri[len("sqlite:///"):]] if uri.startswith("sqlite:///")
+             and os.path.commonpath([os.path.realpath(path), cwd]) == cwd]
+    if "://" not in storage_path and os.path.commonpath([os.path.realpath(storage_path), cwd]) == cwd:
+        local.append(f"storage {storage_path}")
+    if local:
+        raise GrafitError(f"inside a Ray job, {' and '.join(local)} would be written to the job's temporary working "
+                          f"dir {cwd} and deleted with it: start the cluster's nodes with MLFLOW_TRACKING_URI and "
+                          f"GRAFIT_STORAGE (cluster/local.sh does), or set them in the job's env_vars; "
+                          f"nothing was started")
+
+
 def launch(prep: Prepared) -> bool:
     """--check: say so and stop (False). Else refuse an MLflow server that does not answer, then
     connect to the cluster (or start a local Ray)."""
+    check_ray_job(prep.args.storage_path, tracking.tracking_uri())
     check_local_cpus(prep)
     if prep.args.check:
         print(f"{prep.args.config}: ok ({prep.summary}); nothing was started (--check)")

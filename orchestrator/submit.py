@@ -5,14 +5,17 @@ A job spec names the grafit command to run on the cluster (train, sweep or matri
 flags, config overrides and Ray runtime environment (see jobs/submit/). A plain job file is also
 accepted and runs as the command its sections imply. Everything is validated here first, with the
 same checks the command itself runs (`--check`), so a bad spec starts nothing on the cluster. The
-project folder is uploaded as the job's working dir; every node must reach the data, the
-checkpoint storage and the MLflow server. The cluster's auth token is sent as a bearer token.
+project folder is uploaded as the job's working dir, with the job file resolved into one
+self-contained YAML (includes merged, the spec's overrides applied, paths absolute), so a job file
+may live in any folder; every node must reach the data, the checkpoint storage and the MLflow
+server. The cluster's auth token is sent as a bearer token.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import shlex
 import sys
@@ -23,7 +26,7 @@ import yaml
 from grafit_core.config import read_yaml
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import tracking
-from orchestrator.job import load_job
+from orchestrator.job import job_dict, load_job
 from orchestrator.prepare import RUN_COMMANDS, add_run_flags, format_table, prepare
 from orchestrator.sweep import check_definition
 
@@ -34,6 +37,7 @@ SPEC_KEYS = ("kind", "config", "options", "set", "runtime_env", "entrypoint_num_
 EXCLUDES = [".git", ".venv", "runs", "mlflow.db", "mlartifacts", "mlruns", "__pycache__", "*.egg-info",
             ".pytest_cache"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+RESOLVED = ".submit"                           # resolved job files, in the project while they are uploaded
 ENTRYPOINT = "python -m orchestrator.cli "   # + the grafit command's arguments
 
 
@@ -54,22 +58,35 @@ def load_spec(path: str) -> dict:
         if not isinstance(data.get(key) or {}, dict):
             raise ConfigError(f"{path}: {key}: expected a mapping")
     config = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), data["config"]))
-    if os.path.commonpath([config, ROOT]) != ROOT:
-        raise ConfigError(f"{path}: config: {config} lies outside the project {ROOT}, which is what gets "
-                          f"uploaded to the cluster; move the job file into it")
     return {"kind": data["kind"], "config": config, "options": dict(data.get("options") or {}),
             "set": dict(data.get("set") or {}), "runtime_env": dict(data.get("runtime_env") or {}),
             "entrypoint_num_cpus": data.get("entrypoint_num_cpus", 0)}
 
 
-def command_argv(spec: dict, path: str, storage: str) -> list[str]:
-    """The `grafit` arguments the job runs, with paths made absolute where the cluster needs them."""
-    cfg = load_job(spec["config"], spec["set"]).config        # errors name the file and key
-    overrides = dict(spec["set"])
-    if cfg.data.root is not None:
-        # a root relative to the job file would resolve inside the uploaded copy: pass it absolute
-        overrides["data.root"] = cfg.data.root
-    argv = [spec["kind"], os.path.relpath(spec["config"], ROOT)]
+@contextlib.contextmanager
+def resolved_job(spec: dict, path: str):
+    """The job file as one self-contained YAML inside the project while it is uploaded with the job:
+    includes merged, the spec's `set` applied, data.root and finetune.checkpoint absolute. Yields its
+    path; removed afterwards (uploaded, or refused: no copy stays behind)."""
+    job = load_job(spec["config"], spec["set"])               # errors name the file (or --set) and key
+    text = (f"# {spec['config']}, resolved by grafit submit {os.path.abspath(path)}: includes merged, the spec's "
+            f"set applied, paths absolute\n" + yaml.safe_dump(job_dict(job), sort_keys=False))
+    out = os.path.join(ROOT, RESOLVED, f"{job.config.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(out + ".tmp", out)
+    try:
+        yield out
+    finally:
+        os.remove(out)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(out))
+
+
+def command_argv(spec: dict, path: str, storage: str, resolved: str) -> list[str]:
+    """The `grafit` arguments the job runs: the resolved job file, the spec's options, the storage."""
+    argv = [spec["kind"], os.path.relpath(resolved, ROOT)]
     for key, value in spec["options"].items():
         if key in ("storage_path", "ray_address", "check"):
             raise ConfigError(f"{path}: options.{key}: set by grafit submit (storage: --storage-path or "
@@ -79,15 +96,7 @@ def command_argv(spec: dict, path: str, storage: str) -> list[str]:
             argv.append(flag)
         elif value not in (False, None):
             argv += [flag, str(value)]
-    for key, value in overrides.items():
-        argv += ["--set", f"{key}={yaml_scalar(value)}"]
     return argv + ["--ray-address", "auto", "--storage-path", storage]
-
-
-def yaml_scalar(value) -> str:
-    """One-line YAML that parse_set reads back as the same value (1e-05 stays a float)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
-    return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text
 
 
 def check_locally(argv: list[str], path: str) -> None:
@@ -173,27 +182,11 @@ def cmd_submit(args) -> int:
     path = args.spec
     spec = load_spec(path)
     storage = storage_path(spec, args.storage_path, path)
-    argv = command_argv(spec, path, storage)
-    check_locally(argv, path)                                # nothing is started on a failure
-    uri = cluster_tracking_uri(spec, args.mlflow_uri, path)
-    env = dict(spec["runtime_env"])
-    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHONUNBUFFERED": "1", **(env.pop("env_vars", None) or {}), "MLFLOW_TRACKING_URI": uri}
-    runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
-    entrypoint = ENTRYPOINT + shlex.join(argv)
-    jobs = job_server(args.address, args.token_file)
-    deadline = time.time() + 120
-    while True:
-        try:
-            with explained(args.address):
-                job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                         entrypoint_num_cpus=spec["entrypoint_num_cpus"],
-                                         metadata={"grafit_spec": os.path.relpath(os.path.abspath(path), ROOT)})
-            break
-        except RuntimeError as err:      # a node just started: its job agent registers a little later
-            if "No available agent" not in str(err) or time.time() > deadline:
-                raise GrafitError(f"job server {args.address}: {str(err).splitlines()[0]}") from None
-            time.sleep(2)
+    with resolved_job(spec, path) as resolved:
+        argv = command_argv(spec, path, storage, resolved)
+        check_locally(argv, path)                            # nothing is started on a failure
+        uri = cluster_tracking_uri(spec, args.mlflow_uri, path)
+        job_id, entrypoint, jobs = submit(args, spec, argv, uri, path)
     print(f"submitted {job_id} to {args.address}: {entrypoint}", flush=True)
     if args.no_wait:
         print(f"follow it with: grafit jobs logs {job_id} --address {args.address}")
@@ -206,6 +199,30 @@ def cmd_submit(args) -> int:
     status = jobs.get_job_status(job_id)
     print(f"job {job_id}: {status.value}")
     return 0 if status.value == "SUCCEEDED" else 1
+
+
+def submit(args, spec: dict, argv: list[str], uri: str, path: str):
+    """Send the job (the project folder, with the resolved job file, is uploaded now)."""
+    env = dict(spec["runtime_env"])
+    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "PYTHONUNBUFFERED": "1", **(env.pop("env_vars", None) or {}), "MLFLOW_TRACKING_URI": uri,
+                "GRAFIT_JOB_FILE": spec["config"]}        # where the job came from: a tag of its runs
+    runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
+    entrypoint = ENTRYPOINT + shlex.join(argv)
+    jobs = job_server(args.address, args.token_file)
+    deadline = time.time() + 120
+    while True:
+        try:
+            with explained(args.address):
+                job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                         entrypoint_num_cpus=spec["entrypoint_num_cpus"],
+                                         metadata={"grafit_spec": os.path.abspath(path),
+                                                   "grafit_job_file": spec["config"]})
+            return job_id, entrypoint, jobs
+        except RuntimeError as err:      # a node just started: its job agent registers a little later
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise GrafitError(f"job server {args.address}: {str(err).splitlines()[0]}") from None
+            time.sleep(2)
 
 
 def cmd_jobs(args) -> int:

@@ -106,6 +106,8 @@ def provenance(dataset_fingerprint: str) -> dict:
     tags = {"git.commit": git("rev-parse", "HEAD") or "unknown",
             "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
             "dataset.fingerprint": dataset_fingerprint}
+    if os.environ.get("GRAFIT_JOB_FILE"):     # a submitted job: the job file it was resolved from
+        tags["grafit.job_file"] = os.environ["GRAFIT_JOB_FILE"]
     for pkg in PACKAGES:
         try:
             tags[f"version.{pkg}"] = importlib.metadata.version(pkg)

@@ -147,3 +147,61 @@ def test_bad_spec_is_refused_before_anything_is_submitted(cluster, tmp_path):
                 cluster["url"]], submit_env(cluster))
     assert p.returncode == 2 and "--bogus-flag" in p.stderr, p.stderr
     assert job_count(cluster) == before
+
+
+def ray_cli_env(cluster):
+    """What `ray job submit` needs from the user's shell (the README's line): the token."""
+    return {**cluster["env"], "RAY_AUTH_MODE": "token", "RAY_ADDRESS": cluster["url"]}
+
+
+def ray_job_submit(cluster, command, env_vars=None):
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    return subprocess.run([ray, "job", "submit", "--working-dir", ROOT, *runtime_env, "--", *command],
+                          cwd=ROOT, env=ray_cli_env(cluster), capture_output=True, text=True, timeout=420)
+
+
+def test_ray_job_submit_records_into_the_clusters_mlflow_and_storage(cluster):
+    # Ray's own CLI, not grafit submit: the nodes' MLFLOW_TRACKING_URI and GRAFIT_STORAGE (cluster/local.sh)
+    from mlflow import MlflowClient
+    p = ray_job_submit(cluster, ["grafit", "train", "jobs/smoke.yaml", "--workers", "2", "--name", "ray-cli"],
+                       {"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    client = MlflowClient(cluster["mlflow"])
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                filter_string="attributes.run_name = 'ray-cli'")
+    assert run.info.status == "FINISHED" and {"knn_top1/l2", "map_cosine/l2"} <= run.data.metrics.keys()
+    assert run.data.tags["ray.node_id.rank0"] != run.data.tags["ray.node_id.rank1"]      # both nodes
+    assert any(d.startswith("checkpoint_") for d in os.listdir(cluster["state"] / "ray" / "storage" / "ray-cli"))
+
+
+def test_ray_job_submit_without_the_clusters_settings_is_refused_having_trained_nothing(cluster):
+    from mlflow import MlflowClient
+    p = ray_job_submit(cluster, ["grafit", "train", "jobs/smoke.yaml", "--workers", "2", "--name", "lost"],
+                       {"MLFLOW_TRACKING_URI": "", "GRAFIT_STORAGE": ""})      # a cluster started without them
+    assert p.returncode != 0 and "failed" in p.stdout, p.stdout[-3000:]
+    refusal = {line for line in (p.stdout + p.stderr).splitlines() if line.startswith("grafit: error:")}
+    assert len(refusal) == 1, refusal                         # one line (Ray shows the job's log twice)
+    assert "inside a Ray job" in min(refusal) and "GRAFIT_STORAGE" in min(refusal), refusal
+    client = MlflowClient(cluster["mlflow"])
+    exp = client.get_experiment_by_name("smoke")
+    assert exp is None or not client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'lost'")
+    assert not os.path.exists(cluster["state"] / "ray" / "storage" / "lost")
+
+
+def test_a_sweep_whose_job_file_lives_outside_the_project(cluster, tmp_path):
+    from mlflow import MlflowClient
+    job = tmp_path / "experiments" / "sweep.yaml"
+    job.parent.mkdir()
+    job.write_text(f"include: {os.path.join(ROOT, 'jobs', 'smoke.yaml')}\nname: outside-sweep\noptim: {{epochs: 1}}\n"
+                   "sweep:\n  space: {method.sigma: {grid: [0.05, 0.1]}}\n  scheduler: fifo\n  workers: 1\n"
+                   "  cpus_per_worker: 1\n")
+    p = grafit(["submit", str(job), "--address", cluster["url"]], submit_env(cluster))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not os.path.exists(os.path.join(ROOT, ".submit"))           # the resolved copy left with the job
+    client = MlflowClient(cluster["mlflow"])
+    runs = client.search_runs([client.get_experiment_by_name("outside-sweep").experiment_id])
+    trials = [r for r in runs if "grafit.trial_key" in r.data.tags]
+    assert sorted(r.data.params["method.sigma"] for r in trials) == ["0.05", "0.1"]
+    assert all(r.info.status == "FINISHED" and "knn_top1/l2" in r.data.metrics for r in trials)
+    assert {r.data.tags["grafit.job_file"] for r in runs} == {str(job)}

@@ -144,11 +144,14 @@ def test_every_job_file_loads():
 def check_submit_spec(path):
     """A `grafit submit` spec: its job file loads and its flags parse with the real parser."""
     from orchestrator.cli import build_parser
-    from orchestrator.submit import command_argv, load_spec
+    from orchestrator.submit import command_argv, load_spec, resolved_job
     spec = load_spec(path)
-    argv = command_argv(spec, path, "/shared/checkpoints")
-    args = build_parser().parse_args(argv)
-    assert args.command == spec["kind"] and args.storage_path == "/shared/checkpoints"
+    with resolved_job(spec, path) as resolved:
+        argv = command_argv(spec, path, "/shared/checkpoints", resolved)
+        args = build_parser().parse_args(argv)
+        assert args.command == spec["kind"] and args.storage_path == "/shared/checkpoints"
+        assert load_job(os.path.join(ROOT, args.config)).config.name == load_job(spec["config"]).config.name
+    assert not os.path.exists(resolved)
 
 
 def check_table6_spec(path):

@@ -212,11 +212,21 @@ def test_journal_never_blocks_on_an_unreachable_server(tmp_path):
     assert saved[0]["metrics"] == {"loss": 1.0} and j.epochs_logged() == 20
 
 
-def test_submit_overrides_round_trip_through_the_command_line():
-    from orchestrator.job import parse_set
-    from orchestrator.submit import yaml_scalar
-    for value in (1e-5, 2.5e16, 0.1, 3, "abc", "1e-5", True, None, [1, 2.5e-7], {"a": 1}, "a b: c"):
-        assert parse_set([f"k={yaml_scalar(value)}"])["k"] == value, value
+def test_submit_resolves_the_job_file_into_one_self_contained_yaml(tmp_path):
+    # a job file outside the project, with an include of a project job and overrides: the resolved
+    # file (inside the project, uploaded with the job) loads to the same config from any folder
+    from orchestrator.job import job_dict, load_job
+    from orchestrator.submit import resolved_job
+    job = tmp_path / "job.yaml"
+    job.write_text(f"include: {SMOKE}\nname: outside\nmethod: {{sigma: 0.07}}\n")
+    spec = {"kind": "train", "config": str(job), "set": {"optim.epochs": 1, "eval.k_candidates": [3, 4],
+                                                          "method.tau_base": 1e-05}}
+    with resolved_job(spec, str(tmp_path / "spec.yaml")) as resolved:
+        assert os.path.dirname(os.path.dirname(resolved)) == ROOT and "\ninclude:" not in open(resolved).read()
+        want, got = load_job(str(job), spec["set"]), load_job(resolved)
+        assert job_dict(got) == job_dict(want) and got.config.method.tau_base == 1e-05
+        assert got.config.data.root == want.config.data.root and got.config.name == "outside"
+    assert not os.path.exists(resolved) and not os.path.exists(os.path.dirname(resolved))
 
 
 def test_ap_counting_survives_nan_scores():
