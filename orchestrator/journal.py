@@ -165,6 +165,35 @@ class Journal:
             self.sent = rec["seq"]
 
 
+class Echo(threading.Thread):
+    """Prints each per-epoch record a journal receives, one line each, as it is written: the
+    driver's view of a run's epochs (the workers' own output stays in Ray's logs without --verbose).
+    Records already there when it starts (a resumed run) are not repeated."""
+
+    def __init__(self, path: str, label: str, epochs: int):
+        super().__init__(name="epoch-echo", daemon=True)
+        self.path, self.label, self.epochs = path, label, epochs
+        self.seen = len(records(path)) if os.path.exists(path) else 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.flush()
+        self.flush()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
+
+    def flush(self) -> None:
+        new = records(self.path)[self.seen:] if os.path.exists(self.path) else []
+        self.seen += len(new)
+        for rec in new:
+            if rec["kind"] == "metrics" and rec.get("epoch"):
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in rec["metrics"].items() if k != "epoch")
+                print(f"{self.label} epoch {rec['step']}/{self.epochs}: {shown}", flush=True)
+
+
 def deliver(path: str, rec: dict, deadline, stop=lambda: False, replaying: bool = False) -> bool:
     """Send one record, retrying while the server is away, until deadline() passes; mark it sent."""
     tries = 0

@@ -5,6 +5,7 @@ all checked before any cluster resource is taken) and `launch` (`--check`, the M
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ def add_run_flags(p: argparse.ArgumentParser, kind: str) -> argparse.ArgumentPar
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--check", action="store_true",
                    help="validate config, flags, data and levels, then exit without starting Ray")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output: the workers' logs, Tune's tables, Ray's internal warnings "
+                        "(default: one line per epoch per run, the trials' states, the final tables)")
     if kind in ("train", "finetune"):           # sweeps and matrices size their trials in sweep.*
         default = 2 if kind == "train" else 1
         p.add_argument("--workers", type=int, default=default,
@@ -192,23 +196,28 @@ def launch(prep: Prepared) -> bool:
         print(f"{prep.args.config}: ok ({prep.summary}); nothing was started (--check)")
         return False
     tracking.check_server(tracking.tracking_uri())
-    connect_ray(prep.args.ray_address, prep.args.num_cpus)
+    connect_ray(prep.args.ray_address, prep.args.num_cpus, getattr(prep.args, "verbose", False))
     return True
 
 
-def connect_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to the cluster at --ray-address / RAY_ADDRESS, else start a local Ray."""
+def connect_ray(address: str | None, num_cpus: int | None, verbose: bool = False) -> None:
+    """Connect to the cluster at --ray-address / RAY_ADDRESS, else start a local Ray. Without
+    --verbose the workers' output stays in Ray's log files (the driver prints one line per epoch
+    from the runs' journals and Tune's events): no internal warnings, no duplicated lines."""
     import ray
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith("http"):
         raise GrafitError(f"--ray-address {address}: that is a job-server URL; give the cluster address "
                           f"for ray.init (e.g. 10.0.0.1:6379 or 'auto')")
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
+    if not verbose:                           # MLflow reads it when first imported (its store's INFO lines)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:
         # the dashboard hosts the state API that Ray Train's PlacementGroupCleaner needs to free
         # the workers of a trial that Tune stops early; bind it to this machine only
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

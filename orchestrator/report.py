@@ -66,7 +66,7 @@ def _sweep_report(run, children) -> None:
     finest = sorted({k.split("/")[1] for r in children for k in r.data.metrics
                      if k.startswith("knn_top1/") and k.count("/") == 1})
     keys = [f"{m}/{lv}" for lv in finest for m in ("knn_top1", "map_cosine", "map_cond")]
-    print(f"{len(children)} trials of sweep {run.info.run_name}; best: {run.data.tags.get('best.run_id', '-')}")
+    print(f"{len(children)} runs of {run.info.run_name}; best: {run.data.tags.get('best.run_id', '-')}")
     header = ["run", "status", *swept, *keys]
     print("  ".join(header))
     for r in sorted(children, key=lambda r: r.info.run_name):

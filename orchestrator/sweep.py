@@ -28,7 +28,8 @@ from orchestrator import figures, journal, tracking
 from orchestrator.job import Job, job_dict, job_with, objective_metric
 from orchestrator.prepare import Prepared, format_table, launch, markdown_table, prepare
 from orchestrator.searchers import num_trials, search_algorithm, tune_space
-from orchestrator.trials import TrialSpec, max_epochs, resumable_fields, run_label, trial_fn, trial_key
+from orchestrator.trials import (TrialSpec, max_epochs, resumable_fields, run_label, trial_fn, trial_key,
+                                 trial_progress)
 from orchestrator.workers import storage_uri
 
 
@@ -64,7 +65,7 @@ def save_state(job: Job, storage_path: str, name: str, data) -> None:
     os.replace(os.path.join(folder, f"{name}.tmp"), os.path.join(folder, name))
 
 
-def parent_run(job: Job, uri: str, storage_path: str, fingerprint: str) -> str:
+def parent_run(job: Job, uri: str, storage_path: str, fingerprint: str, kind: str = "sweep") -> str:
     """The sweep's parent run: the one this sweep's earlier (interrupted) driver opened, reopened;
     else a new one (a sweep whose folder was deleted starts afresh, whatever MLflow holds)."""
     saved = os.path.join(state_dir(job, storage_path), "parent_run")
@@ -72,7 +73,7 @@ def parent_run(job: Job, uri: str, storage_path: str, fingerprint: str) -> str:
         run_id = json.load(open(saved))
         tracking.client(uri).update_run(run_id, status="RUNNING")
         return run_id
-    run_id = tracking.start_run(uri, job.experiment, f"sweep {job.config.name}", job_dict(job),
+    run_id = tracking.start_run(uri, job.experiment, f"{kind} {job.config.name}", job_dict(job),
                                 {**tracking.provenance(fingerprint), "grafit.sweep": state_dir(job, storage_path)})
     save_state(job, storage_path, "parent_run", run_id)
     return run_id
@@ -87,14 +88,14 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
     check_capacity(job.sweep)
     if not os.path.exists(os.path.join(state_dir(job, storage_path), "definition.json")):
         save_state(job, storage_path, "definition.json", job_dict(job))
-    parent = parent_run(job, uri, storage_path, prep.fingerprint)
+    parent = parent_run(job, uri, storage_path, prep.fingerprint, prep.kind)
     log = journal.Journal(uri, parent, os.path.join(state_dir(job, storage_path), "mlflow_journal", "parent.jsonl"))
     ok, grid, wait_s = False, None, job.tracking.offline_wait_s
     try:
         spec = TrialSpec(job_dict(job), job.source, uri, parent, prep.fingerprint,
                          storage_uri(storage_path.rstrip("/") + "/trials"), job.config.name, max_failures,
                          prep.levels, on_step)
-        grid = _fit_tuner(job, spec, storage_path)
+        grid = _fit_tuner(job, spec, storage_path, getattr(prep.args, "verbose", False))
         # the trials' own records travel through their journals; the parent's are read and
         # written now, so a server that went away during the sweep gets time to come back
         if not tracking.wait_for_server(uri, wait_s):
@@ -133,7 +134,7 @@ def check_capacity(sw) -> None:
                           f"the Ray cluster has {cpus:g}: concurrent trials would wait forever")
 
 
-def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
+def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -150,11 +151,15 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str):
                                     {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
     # TPE is told the objective at each trial's end (the mean over its replicates); ASHA reads sw.metric per epoch
     limit = sw.max_concurrent if sw.search == "tpe" else None   # random: the seeded generator limits itself
+    if not verbose:                           # Tune's reporter of old prints nothing at verbose 0; the new one
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"    # still prints its heading: trial_progress prints instead
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
                        tune_config=tune.TuneConfig(scheduler=scheduler,
                                                    search_alg=search_algorithm(job, objective_metric(spec.test_levels)),
                                                    num_samples=num_trials(job), max_concurrent_trials=limit),
-                       run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name))
+                       run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name,
+                                                 **({} if verbose else {"verbose": 0, "callbacks": [trial_progress(
+                                                     max_epochs(job), objective_metric(spec.test_levels))]})))
     return tuner.fit()
 
 

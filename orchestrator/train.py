@@ -54,7 +54,8 @@ def run_on_ray(kind: str, args):
     result = tracked_training(prep.job, uri=tracking.tracking_uri(), run_name=name, fingerprint=prep.fingerprint,
                               task="fit" if kind == "train" else "finetune", workers=args.workers,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                              storage_path=args.storage_path, name=name, max_failures=args.max_failures)
+                              storage_path=args.storage_path, name=name, max_failures=args.max_failures,
+                              echo=not args.verbose)
     if result.error:
         print(f"grafit: {'training' if kind == 'train' else 'fine-tuning'} failed: {result.error}", file=sys.stderr)
     return result, prep

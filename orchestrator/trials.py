@@ -146,6 +146,47 @@ def objective_reporter(objective: str):
     return WithObjective()
 
 
+def trial_progress(epochs: int, objective: str):
+    """A Tune callback (run by the driver) printing one line per trial epoch, one per trial's end,
+    and the trials' states when they change: Tune's own tables and the workers' logs are behind
+    --verbose."""
+    from collections import Counter
+
+    from ray.tune import Callback
+
+    def states(trials, trial, now: str) -> None:
+        """The trials' states once `trial` is in state `now` (Tune updates it after the callback)."""
+        counts = Counter(now if t is trial else t.status.lower() for t in trials)
+        print("== trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + " ==", flush=True)
+
+    class Progress(Callback):             # Tune calls it in the driver process
+        def on_trial_start(self, iteration, trials, trial, **info):
+            states(trials, trial, "running")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            label = f"[{run_label(trial.config)}]"
+            if result.get("skipped"):
+                print(f"{label} skipped: nothing to learn at this level", flush=True)
+            elif "trained" in result:
+                print(f"{label} done: {objective} {100 * result.get(objective, math.nan):.1f}", flush=True)
+            elif "epoch" in result:
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items()
+                                  if k in SHOWN or k.startswith("online_knn_top1/"))
+                print(f"{label} epoch {result['epoch']}/{epochs}: {shown}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            states(trials, trial, "terminated")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[{run_label(trial.config)}] FAILED (its error: {trial.local_path or '-'})", flush=True)
+            states(trials, trial, "error")
+
+    return Progress()
+
+
+SHOWN = ("loss", "knn", "inst", "ce", "epoch_time_s")   # of an epoch's report, with online_knn_top1/<level>
+
+
 def run_label(params: dict) -> str:
     """A run name a reader can place: the sampled values, e.g. sigma=0.05,seed=1."""
     return ",".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"

@@ -192,9 +192,11 @@ def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worke
 
 
 def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, parent_run_id: str | None = None,
-                     tags: dict | None = None, wait_s: float | None = None, one_run: bool = False, **kwargs):
+                     tags: dict | None = None, wait_s: float | None = None, one_run: bool = False,
+                     echo: bool = False, **kwargs):
     """run_training inside an MLflow run that is always closed: FINISHED, or FAILED on any error.
-    Rerunning into the same storage path and name continues its unfinished run."""
+    Rerunning into the same storage path and name continues its unfinished run. echo: print each
+    epoch's line here, from rank 0's journal (a command's driver)."""
     cfg = job.config
     storage_key = f"{storage_uri(kwargs.get('storage_path', 'runs/ray')).rstrip('/')}/{kwargs.get('name') or cfg.name}"
     latest = latest_checkpoint(storage_key)
@@ -210,7 +212,14 @@ def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, par
                                     parent_run_id)
     journals = journal.local_dir(storage_key, run_id)
     ok, checkpoint_dir = False, None
+    fine = kwargs.get("task") == "finetune"
+    printer = journal.Echo(os.path.join(journals, "rank0.jsonl"), f"[{run_name}]",
+                           cfg.finetune.epochs if fine else cfg.optim.epochs) if echo else None
     try:
+        if printer:
+            if latest:                        # the workers say so in their own log (--verbose)
+                print(f"{printer.label} resuming from {latest}", flush=True)
+            printer.start()
         target = MlflowTarget(uri, run_id, journals, job.tracking.embeddings_max_mb, logged)
         result = run_training(cfg, mlflow=target, **kwargs)
         ok = result.error is None
@@ -219,6 +228,8 @@ def tracked_training(job: Job, *, uri: str, run_name: str, fingerprint: str, par
         result.run_id = run_id
         return result
     finally:
+        if printer:
+            printer.stop()
         finish_run(uri, run_id, journals, ok, checkpoint_dir, job.tracking.offline_wait_s if wait_s is None else wait_s)
 
 

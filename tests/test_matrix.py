@@ -142,9 +142,11 @@ def test_report_rebuilds_matrices_and_figures_from_mlflow(tmp_path, capsys):
 
 
 @pytest.mark.timeout(600)
-def test_matrix_fine_tuning_column_is_recorded_next_to_knn_and_map(tmp_path, monkeypatch):
+def test_matrix_fine_tuning_column_is_recorded_next_to_knn_and_map(tmp_path, monkeypatch, capfd):
     """A real tiny matrix with matrix.finetune: the cell's trunk is fine-tuned at each test level
-    (Ray Train fits), and the value equals fine-tuning the cell's logged checkpoint here."""
+    (Ray Train fits), and the value equals fine-tuning the cell's logged checkpoint here. Its output
+    (all of it, at the file descriptors): one line per epoch of the cell, the trials' states, the
+    final tables; no Ray internals, no line twice."""
     ray = pytest.importorskip("ray")
     import yaml
     from mlflow.tracking import MlflowClient
@@ -170,6 +172,15 @@ def test_matrix_fine_tuning_column_is_recorded_next_to_knn_and_map(tmp_path, mon
         assert grafit(["matrix", str(path), "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2"]) == 0
     finally:
         ray.shutdown()
+    out = capfd.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.strip()]
+    epochs = [line for line in lines if " epoch " in line]
+    assert len(epochs) == 1 and epochs[0].startswith("[train_level=l0,name=grafit] epoch 1/1: loss="), lines
+    assert not [line for line in lines if "TrainingReport(" in line or "pid=" in line or "WARNING" in line], lines
+    logged = [line for line in lines if not line.startswith(("train ", " "))]     # table rows repeat by design
+    assert len(logged) == len(set(logged)), lines
+    assert "== finetune_top1 (%) of grafit: rows = training level, columns = test level ==" in lines
+    assert len(lines) < 60, lines
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("ft-matrix").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)

@@ -122,7 +122,7 @@ def test_a_killed_driver_resumes_when_the_same_command_is_rerun(tmp_path):
                        capture_output=True, timeout=120)
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resumed from" in second.stdout + second.stderr
+    assert "[driver] resuming from " + str(tmp_path / "runs" / "driver" / "checkpoint_") in second.stdout
     c = MlflowClient(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("driver").experiment_id])   # the same run, continued
     assert run.info.status == "FINISHED"
