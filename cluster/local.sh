@@ -14,7 +14,8 @@
 # (127.0.0.1; anything else exposes the job server, which runs arbitrary code, to the network).
 # The nodes start with MLFLOW_TRACKING_URI (default http://127.0.0.1:$MLFLOW_PORT, the server of
 # cluster/mlflow_server.sh) and GRAFIT_STORAGE ($GRAFIT_CLUSTER_DIR/storage): every job inherits
-# them, so `ray job submit ... -- grafit train ...` records its run and checkpoints there.
+# them, so `ray job submit ... -- grafit train ...` records its run and checkpoints there; and
+# GRAFIT_MLFLOW_CREDENTIALS, the credentials file of that server ($GRAFIT_MLFLOW_DIR/credentials).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$(realpath -m "${GRAFIT_CLUSTER_DIR:-$ROOT/runs/cluster}")"
@@ -32,12 +33,16 @@ export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$STATE/auth_token}"
 # where every job on these nodes records its runs and checkpoints (not its temporary working dir)
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://127.0.0.1:${MLFLOW_PORT:-5000}}"
 export GRAFIT_STORAGE="${GRAFIT_STORAGE:-$STATE/storage}"
+# the file of MLflow credentials cluster/mlflow_server.sh writes (a path: the password stays in it)
+MLFLOW_STATE="$(realpath -m "${GRAFIT_MLFLOW_DIR:-$ROOT/runs/mlflow-server}")"
+export GRAFIT_MLFLOW_CREDENTIALS="${GRAFIT_MLFLOW_CREDENTIALS:-$MLFLOW_STATE/credentials}"
 
 print_env() {
   echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
   echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT   # job server, for grafit submit / ray job"
   echo "export GRAFIT_STORAGE=$GRAFIT_STORAGE                   # checkpoints: every node reaches it"
   echo "export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI          # the nodes' tracking server"
+  echo "export GRAFIT_MLFLOW_CREDENTIALS=$GRAFIT_MLFLOW_CREDENTIALS   # its credentials file"
 }
 
 start() {

@@ -196,13 +196,18 @@ class Echo(threading.Thread):
 
 def deliver(path: str, rec: dict, deadline, stop=lambda: False, replaying: bool = False) -> bool:
     """Send one record, retrying while the server is away, until deadline() passes; mark it sent."""
+    from orchestrator.tracking import CREDENTIALS, refused
     tries = 0
     while not stop():
         try:
             send(rec, replaying=replaying)
             _mark_sent(path, rec["seq"])
             return True
-        except Exception:                                   # server away: wait, retry
+        except Exception as err:                            # server away: wait, retry
+            if refused(err):                                # ... but not a refusal of our credentials
+                print(f"grafit: MLflow server {rec['uri']} refused the credentials ({CREDENTIALS}): the records "
+                      f"stay in {path}; grafit sync sends them once {CREDENTIALS} is right", flush=True)
+                return False
             if time.time() > deadline():
                 return False
             time.sleep(RETRY_S[min(tries, len(RETRY_S) - 1)])

@@ -204,8 +204,14 @@ def cmd_submit(args) -> int:
 def submit(args, spec: dict, argv: list[str], uri: str, path: str):
     """Send the job (the project folder, with the resolved job file, is uploaded now)."""
     env = dict(spec["runtime_env"])
+    own = env.pop("env_vars", None) or {}
+    secret = [k for k in own if k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN")]
+    if secret:                                # Ray stores a job's runtime_env and shows it in its dashboard
+        raise ConfigError(f"{path}: runtime_env.env_vars.{secret[0]}: a secret in a job's environment is stored and "
+                          f"shown by Ray; give a file path instead ({tracking.CREDENTIALS}, RAY_AUTH_TOKEN_PATH)")
+    creds = {tracking.CREDENTIALS: os.environ[tracking.CREDENTIALS]} if os.environ.get(tracking.CREDENTIALS) else {}
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHONUNBUFFERED": "1", **(env.pop("env_vars", None) or {}), "MLFLOW_TRACKING_URI": uri,
+                "PYTHONUNBUFFERED": "1", **creds, **own, "MLFLOW_TRACKING_URI": uri,
                 "GRAFIT_JOB_FILE": spec["config"]}        # where the job came from: a tag of its runs
     runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
     entrypoint = ENTRYPOINT + shlex.join(argv)

@@ -22,12 +22,57 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
-def check_server(uri: str) -> None:
-    """An MLflow server that does not answer is refused before any training starts."""
-    if not wait_for_server(uri, 0):
+CREDENTIALS = "GRAFIT_MLFLOW_CREDENTIALS"   # the path of an MLflow credentials file (cluster/mlflow_server.sh)
+
+
+def use_credentials() -> tuple[str, str] | None:
+    """(user, password) from the file GRAFIT_MLFLOW_CREDENTIALS names (the format of MLflow's
+    ~/.mlflow/credentials), put in this process's environment for MLflow's client: a file path
+    travels to the workers, never the password (a job's runtime_env is stored and shown by Ray)."""
+    path = os.environ.get(CREDENTIALS)
+    if not path:
+        return None
+    import configparser
+    parser = configparser.ConfigParser()
+    if not parser.read(path) or not parser.has_option("mlflow", "mlflow_tracking_password"):
         from grafit_core.errors import GrafitError
+        raise GrafitError(f"{CREDENTIALS} {path}: no MLflow credentials file there (cluster/mlflow_server.sh writes "
+                          f"one beside its database)")
+    user = parser["mlflow"].get("mlflow_tracking_username", "admin")
+    password = parser["mlflow"]["mlflow_tracking_password"]
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    return user, password
+
+
+def check_server(uri: str) -> None:
+    """An MLflow server that does not answer, or refuses our credentials, is refused before any
+    training starts (its /health answers anyone: the probe is an authenticated endpoint)."""
+    from grafit_core.errors import GrafitError
+    if not wait_for_server(uri, 0):
         raise GrafitError(f"MLflow tracking server {uri} does not answer; start it (cluster/mlflow_server.sh "
                           f"start) or point MLFLOW_TRACKING_URI elsewhere; nothing was started")
+    status = api_status(uri, use_credentials())
+    if status in (401, 403):
+        given = f"the credentials in {os.environ[CREDENTIALS]}" if os.environ.get(CREDENTIALS) else "a request without credentials"
+        raise GrafitError(f"MLflow tracking server {uri} refused {given} (HTTP {status}): set {CREDENTIALS} to the "
+                          f"credentials file its cluster/mlflow_server.sh wrote; nothing was started")
+
+
+def api_status(uri: str, credentials: tuple[str, str] | None) -> int:
+    """The HTTP status of an authenticated read (200 for a local store)."""
+    import base64
+    import urllib.error
+    import urllib.request
+    if not uri.startswith(("http://", "https://")):
+        return 200
+    req = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if credentials:
+        req.add_header("Authorization", "Basic " + base64.b64encode(":".join(credentials).encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def wait_for_server(uri: str, timeout: float) -> bool:
@@ -48,7 +93,14 @@ def wait_for_server(uri: str, timeout: float) -> bool:
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
+    use_credentials()
     return MlflowClient(tracking_uri=uri)
+
+
+def refused(err: Exception) -> bool:
+    """The server refused the credentials (401 / 403): retrying cannot help."""
+    status = getattr(err, "get_http_status_code", lambda: None)()
+    return status in (401, 403)
 
 
 def artifact_root(uri: str) -> str | None:

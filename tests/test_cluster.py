@@ -16,6 +16,8 @@ import urllib.request
 import pytest
 import yaml
 
+from orchestrator.tracking import CREDENTIALS, use_credentials
+
 pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +46,13 @@ def cluster(tmp_path_factory):
                                text=True, timeout=180)
             assert p.returncode == 0, p.stdout + p.stderr
         info["token"] = open(env["RAY_AUTH_TOKEN_PATH"]).read().strip()
+        info["credentials"] = str(state / "mlflow" / "credentials")   # the MLflow server's, for clients
+        os.environ[CREDENTIALS] = info["credentials"]
+        use_credentials()                       # this process's MlflowClient reads the server
         yield info
     finally:                                    # also when an assertion above or in a test fails
+        for key in (CREDENTIALS, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(key, None)
         subprocess.run([os.path.join(ROOT, "cluster", "mlflow_server.sh"), "stop"], env=env, timeout=120)
         subprocess.run([os.path.join(ROOT, "cluster", "local.sh"), "stop"], env=env, timeout=120)
 
@@ -68,7 +75,7 @@ def api(cluster, path, token="", data=None):
 
 
 def submit_env(cluster):
-    return {**cluster["env"], "MLFLOW_TRACKING_URI": cluster["mlflow"],
+    return {**cluster["env"], "MLFLOW_TRACKING_URI": cluster["mlflow"], CREDENTIALS: cluster["credentials"],
             "GRAFIT_STORAGE": str(cluster["state"] / "storage")}
 
 
@@ -205,3 +212,22 @@ def test_a_sweep_whose_job_file_lives_outside_the_project(cluster, tmp_path):
     assert sorted(r.data.params["method.sigma"] for r in trials) == ["0.05", "0.1"]
     assert all(r.info.status == "FINISHED" and "knn_top1/l2" in r.data.metrics for r in trials)
     assert {r.data.tags["grafit.job_file"] for r in runs} == {str(job)}
+
+
+def test_the_mlflow_server_answers_only_with_its_credentials(cluster, tmp_path):
+    # MLflow's basic-auth app: the API refuses a request without credentials; grafit with wrong
+    # ones stops at once, naming the variable, before any Ray or run
+    import time
+    req = urllib.request.Request(cluster["mlflow"] + "/api/2.0/mlflow/experiments/search?max_results=1")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 401
+    assert oct(os.stat(cluster["credentials"]).st_mode & 0o777) == "0o600"
+    wrong = tmp_path / "credentials"
+    wrong.write_text("[mlflow]\nmlflow_tracking_username = admin\nmlflow_tracking_password = not-the-password\n")
+    start = time.time()
+    p = grafit(["train", "jobs/smoke.yaml", "--workers", "1", "--storage-path", str(tmp_path / "runs")],
+               {**submit_env(cluster), CREDENTIALS: str(wrong)}, timeout=120)
+    assert p.returncode == 2 and time.time() - start < 60, p.stderr
+    assert p.stderr.startswith("grafit: error: MLflow tracking server") and f"{CREDENTIALS}" in p.stderr, p.stderr
+    assert "(HTTP 401)" in p.stderr and not (tmp_path / "runs").exists()

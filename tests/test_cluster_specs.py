@@ -89,6 +89,26 @@ def test_mlflow_manifest_serves_artifacts_inside_the_cluster():
     command = " ".join(container["args"])
     assert command.startswith("mlflow server") and "--artifacts-destination /mnt/grafit" in command
     assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # authentication: the basic-auth app, its secret key and config from a Secret (never a literal)
+    env = {e["name"]: e for e in container["env"]}
+    assert "--app-name basic-auth" in command and env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+
+
+@pytest.mark.parametrize("manifest", ["raycluster.yaml", "rayjob.yaml"])
+def test_ray_pods_read_mlflow_credentials_from_a_mounted_secret(manifest):
+    (doc,) = load("kuberay", manifest)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["containers"]
+        assert {"name": "mlflow-credentials", "secret": {"secretName": "mlflow-credentials"}} in pod["volumes"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "mlflow-credentials")
+        path = next((e["value"] for e in container.get("env", []) if e["name"] == "GRAFIT_MLFLOW_CREDENTIALS"),
+                    yaml.safe_load(doc["spec"].get("runtimeEnvYAML", "{}") or "{}").get("env_vars", {}).get(
+                        "GRAFIT_MLFLOW_CREDENTIALS"))
+        assert path.startswith(mount["mountPath"] + "/") and mount["readOnly"]
+    assert "MLFLOW_TRACKING_PASSWORD" not in open(os.path.join(CLUSTER, "kuberay", manifest)).read()
 
 
 @pytest.mark.parametrize("script", ["local.sh", "mlflow_server.sh"])

@@ -138,7 +138,7 @@ def test_a_killed_driver_resumes_when_the_same_command_is_rerun(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_mlflow_server_killed_mid_run_training_goes_on_and_the_records_are_replayed(tmp_path):
+def test_mlflow_server_killed_mid_run_training_goes_on_and_the_records_are_replayed(tmp_path, monkeypatch):
     """The tracking server's process group is SIGKILLed after epoch 1 reached it: training goes on
     unblocked, the driver gives up waiting (offline_wait_s) and keeps the records; once the server
     is back, `grafit sync` sends them in order: one FINISHED run, every epoch once, no gap."""
@@ -149,6 +149,8 @@ def test_mlflow_server_killed_mid_run_training_goes_on_and_the_records_are_repla
     import time
     pytest.importorskip("ray")
     from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import CREDENTIALS, use_credentials
     port = free_port()
     senv = {**os.environ, "GRAFIT_MLFLOW_DIR": str(tmp_path / "mlflow"), "MLFLOW_PORT": str(port),
             "MLFLOW_WORKERS": "1"}
@@ -157,11 +159,16 @@ def test_mlflow_server_killed_mid_run_training_goes_on_and_the_records_are_repla
     job = write_job(tmp_path, name="offline", optim={"epochs": 8, "batch_size": 16},
                     data={**BASE["data"], "options": {"branching": [2, 3, 2], "per_class": 40, "queries_per_class": 2}},
                     tracking={"offline_wait_s": 3})
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
+    credentials = str(tmp_path / "mlflow" / "credentials")       # the server's (it has authentication on)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0", CREDENTIALS: credentials}
     cmd = [sys.executable, "-m", "orchestrator.cli", "train", job, "--workers", "1", "--num-cpus", "2",
            "--storage-path", str(tmp_path / "runs")]
     try:
         assert subprocess.run([server, "start"], env=senv, capture_output=True, timeout=180).returncode == 0
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.setenv(key, "")                     # their state before is restored after the test
+        monkeypatch.setenv(CREDENTIALS, credentials)
+        use_credentials()                                   # this process's MlflowClient
         run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         c = MlflowClient(uri)
         deadline = time.time() + 300
