@@ -1,4 +1,5 @@
-"""The sharded memory in real gloo processes equals the single-process kNN loss, gradients and update."""
+"""The sharded memory in real gloo processes equals the single-process kNN loss, gradients and update,
+at W = 2, 3, 4 and 8 (more processes than cores is fine for gloo)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,21 +12,29 @@ from grafit_core.memory import MemoryBank, ShardedMemoryBank, shard_bounds
 from gloo import run_gloo
 
 torch.set_num_threads(1)
-N, D, IN, B, SIGMA = 23, 8, 5, 4, 0.3
+D, IN, B, SIGMA = 8, 5, 4, 0.3
+
+
+def bank_size(world_size):
+    """23 rows up to W = 4, 37 at W = 8 (room for every rank's distinct queries): divisible by no W."""
+    return 23 if world_size <= 4 else 37
 
 
 def problem(world_size):
-    """Bank, labels and per-rank batches chosen so that, with W = 2 or 3:
-    - N = 23 is not divisible by W;
+    """Bank, labels and per-rank batches chosen so that, at every W tested:
+    - N is not divisible by W;
     - rank 0 has two left-out queries (labels 7 and 8 have one row: the query's own, or none), the
       other ranks none (uneven numbers of left-out samples);
-    - label 5 lives only in the last rows (the last shard), queried from rank 0."""
+    - label 5 lives only in the last rows (the last shard), queried from rank 0;
+    - no row is queried twice in the step."""
+    n = bank_size(world_size)
     g = torch.Generator().manual_seed(world_size)
-    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 7, 0, 1, 2, 3, 5, 5])
-    bank = F.normalize(torch.randn(N, D, generator=g), dim=1)
+    labels = torch.tensor([0, 1, 2, 3] * 4 + [7] + [i % 4 for i in range(n - 19)] + [5, 5])
+    bank = F.normalize(torch.randn(n, D, generator=g), dim=1)
     x = torch.randn(world_size * B, IN, generator=g)
-    q_labels = torch.tensor([5, 7, 8, 0] + [1, 2, 3, 0] * (world_size - 1))
-    q_indices = torch.tensor([3, 16, 22, 4] + list(range(5, 5 + B * (world_size - 1))))
+    others = [i for i in range(n) if i not in (3, 16, n - 1, 4)][:B * (world_size - 1)]
+    q_labels = torch.tensor([5, 7, 8, 0] + labels[others].tolist())
+    q_indices = torch.tensor([3, 16, n - 1, 4] + others)
     weight = torch.randn(D, IN, generator=g)
     return labels, bank, x, q_labels, q_indices, weight
 
@@ -38,7 +47,7 @@ def single_process(world_size):
     loss = knn_loss(z, q_labels, q_indices, bank, labels, SIGMA)
     loss.backward()
     memory = MemoryBank(labels, D)
-    memory.fill(torch.arange(N), bank)
+    memory.fill(torch.arange(len(labels)), bank)
     memory.update(q_indices, z.detach())
     return float(loss.detach()), model.weight.grad.clone(), memory.bank.clone()
 
@@ -49,7 +58,7 @@ def sharded_worker(ctx: DistContext, world_size):
     model.weight.data.copy_(weight)
     ddp = DistributedDataParallel(model)
     memory = ShardedMemoryBank(labels, D, ctx)
-    lo, hi = shard_bounds(N, world_size, ctx.rank)
+    lo, hi = shard_bounds(len(labels), world_size, ctx.rank)
     memory.fill(torch.arange(lo, hi), bank[lo:hi])
     own = slice(ctx.rank * B, (ctx.rank + 1) * B)
     z = ddp(x[own])
@@ -60,24 +69,29 @@ def sharded_worker(ctx: DistContext, world_size):
     return float(global_loss), model.weight.grad.clone(), (lo, hi, memory.bank.clone(), len(memory))
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
 def test_sharded_loss_gradients_and_update_equal_single_process(world_size):
     loss, grad, bank = single_process(world_size)
+    n = bank_size(world_size)
     results = run_gloo(sharded_worker, world_size, world_size)
     for r, (l_r, g_r, (lo, hi, shard, rows)) in enumerate(results):
         assert l_r == pytest.approx(loss, abs=1e-5)
         assert torch.allclose(g_r, grad, atol=1e-5), (r, (g_r - grad).abs().max())
         assert torch.allclose(shard, bank[lo:hi], atol=1e-6)
-        assert rows == hi - lo <= -(-N // world_size)
-    assert sum(res[2][3] for res in results) == N
+        assert rows == hi - lo <= -(-n // world_size)
+    assert sum(res[2][3] for res in results) == n
 
 
-def test_problem_has_the_cases_it_claims():
-    labels, bank, x, q_labels, q_indices, weight = problem(2)
-    valid = [int(((labels == l) & (torch.arange(N) != i)).sum()) > 0 for l, i in zip(q_labels, q_indices)]
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+def test_problem_has_the_cases_it_claims(world_size):
+    labels, bank, x, q_labels, q_indices, weight = problem(world_size)
+    n = bank_size(world_size)
+    assert n % world_size and len(set(q_indices.tolist())) == len(q_indices) == world_size * B
+    assert torch.equal(q_labels[4:], labels[q_indices[4:]])
+    valid = [int(((labels == l) & (torch.arange(n) != i)).sum()) > 0 for l, i in zip(q_labels, q_indices)]
     assert valid[:4] == [True, False, False, True] and all(valid[4:])
-    assert set(torch.nonzero(labels == 5).flatten().tolist()) <= set(range(*shard_bounds(N, 2, 1)))
-    assert set(torch.nonzero(labels == 5).flatten().tolist()) <= set(range(*shard_bounds(N, 3, 2)))
+    last = set(range(*shard_bounds(n, world_size, world_size - 1)))
+    assert set(torch.nonzero(labels == 5).flatten().tolist()) <= last
 
 
 def bytes_worker(ctx: DistContext, n):

@@ -1,4 +1,4 @@
-"""The one-pass evaluation in real gloo processes (W = 2, 3) equals itself at W = 1 and the oracles
+"""The one-pass evaluation in real gloo processes (W = 2, 3, 4) equals itself at W = 1 and the oracles
 of tests/oracles.py on the whole collection."""
 import math
 
@@ -230,7 +230,7 @@ def test_single_process_equals_the_oracles():
         pass_aps(q, ql, coll, cl, 5, DistContext())
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_sharded_knn_and_choose_k_equal_single_process(world_size):
     query, bank, labels = knn_problem()
     results = [res["knn"] for res in _run(world_size)]
@@ -253,7 +253,7 @@ def test_sharded_knn_and_choose_k_equal_single_process(world_size):
         torch.testing.assert_close(got["tiny"], knn_probs(q2, b2, l2["fine"], 0, 5, DistContext()), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_sharded_average_precisions_equal_single_process(world_size):
     q, ql, coll, cl, coarse, probs, oracle = ap_problem()
     assert (cl[shard_bounds(N, world_size, world_size - 1)[0]:] != 7).all()   # the case claimed
@@ -283,7 +283,7 @@ def test_sharded_average_precisions_equal_single_process(world_size):
                                    rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_one_pass_evaluation_equals_the_oracles(world_size):
     """Every kNN prediction and every AP (cosine, given p_c, oracle, p_c from the pass's own
     votes) from one score matrix per chunk equal the oracles, metric by metric."""
@@ -305,7 +305,7 @@ def test_one_pass_evaluation_equals_the_oracles(world_size):
                                        err_msg=f"MAP@R {name} {lv}")
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ap_communication_is_independent_of_n(world_size):
     for logs in (res["bytes"] for res in _run(world_size)):
         assert logs[2_000] == logs[8_000]

@@ -1,5 +1,5 @@
 """Exact ties: every kNN takes the lower global row first among equal scores, so predictions and
-the chosen k are the same at W = 1, 2, 3 (real gloo processes) and equal a stable sort's."""
+the chosen k are the same at W = 1, 2, 3, 4 (real gloo processes) and equal a stable sort's."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -88,7 +88,7 @@ def test_the_problem_has_ties_that_decide_predictions():
     assert differ, "no prediction depends on the order among ties"
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_knn_ties_go_to_the_lower_global_row_at_every_world_size(world_size):
     query, bank, labels = tied_problem()
     results = _run(world_size)
