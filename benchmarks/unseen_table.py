@@ -25,7 +25,7 @@ def table(runs: list[dict], level: str) -> str:
     head = [f"{name} {level}" for _, name in COLUMNS]
     lines = ["| method | classes | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     for method in methods:
-        for part, suffix in (("trained on (20 alphabets)", ""), ("never seen (10 alphabets)", "/unseen")):
+        for part, suffix in (("trained on", ""), ("never seen", "/unseen")):
             cells = [cell([r["results"][method]["metrics"][f"{key}/{level}{suffix}"] for r in runs])
                      for key, _ in COLUMNS]
             lines.append(f"| {method} | {part} | " + " | ".join(cells) + " |")

@@ -35,7 +35,7 @@ export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://127.0.0.1:${MLFLOW_POR
 export GRAFIT_STORAGE="${GRAFIT_STORAGE:-$STATE/storage}"
 # the file of MLflow credentials cluster/mlflow_server.sh writes (a path: the password stays in it)
 MLFLOW_STATE="$(realpath -m "${GRAFIT_MLFLOW_DIR:-$ROOT/runs/mlflow-server}")"
-export GRAFIT_MLFLOW_CREDENTIALS="${GRAFIT_MLFLOW_CREDENTIALS:-$MLFLOW_STATE/credentials}"
+export GRAFIT_MLFLOW_CREDENTIALS="${GRAFIT_MLFLOW_CREDENTIALS-$MLFLOW_STATE/credentials}"   # empty: none
 
 print_env() {
   echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"

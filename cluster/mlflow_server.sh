@@ -38,12 +38,19 @@ auth_files() {
    [[ -s "$DIR/secret_key" ]] || python3 -c 'import secrets; print(secrets.token_hex(32))' > "$DIR/secret_key"
    if [[ ! -s "$DIR/auth.ini" ]]; then
      local password="${MLFLOW_ADMIN_PASSWORD:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')}"
-     if (( ${#password} < 12 )); then echo "MLFLOW_ADMIN_PASSWORD: at least 12 characters" >&2; exit 1; fi
+     if (( ${#password} < 12 )) || [[ "$password" == *%* ]]; then
+       echo "MLFLOW_ADMIN_PASSWORD: at least 12 characters, no % (MLflow reads its config with interpolation)" >&2
+       exit 1
+     fi
      printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s/auth.db\nadmin_username = admin\n%s\n%s\n' \
        "$DIR" "admin_password = $password" \
        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" > "$DIR/auth.ini"
      printf '[mlflow]\nmlflow_tracking_username = admin\nmlflow_tracking_password = %s\n' "$password" \
        > "$DIR/credentials"
+   fi
+   if [[ ! -s "$DIR/credentials" ]]; then       # deleted: written again from the auth config
+     printf '[mlflow]\nmlflow_tracking_username = admin\nmlflow_tracking_password = %s\n' \
+       "$(sed -n 's/^admin_password = //p' "$DIR/auth.ini")" > "$DIR/credentials"
    fi)
 }
 

@@ -88,7 +88,7 @@ def parse_set(items: list[str] | None) -> dict:
     return out
 
 
-def load_job(path: str, overrides: dict | None = None) -> Job:
+def load_job(path: str, overrides: dict | None = None, set_where: str = "--set ") -> Job:
     """Read a job file (includes merged), apply dotted overrides, validate every section; an error
     names where the faulty value came from (the file, an included file, or `--set`)."""
     origins: dict = {}
@@ -96,7 +96,7 @@ def load_job(path: str, overrides: dict | None = None) -> Job:
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
         origins.update({k: SET for k in origins if k.startswith(dotted + ".")}, **{dotted: SET})
-    with blamed(path, origins):
+    with blamed(path, origins, set_where=set_where):
         job = job_from_dict(data, path, from_file=True)
     job.origins = origins
     return job
@@ -106,9 +106,10 @@ SET = "--set"
 
 
 @contextlib.contextmanager
-def blamed(path: str, origins: dict):
+def blamed(path: str, origins: dict, shown: str | None = None, set_where: str = SET + " "):
     """A ConfigError `path: key: why` about a key that came from `--set` or from an included file
-    says so: `--set key: why`, `base.yaml (included by path): key: why`."""
+    says so: `--set key: why`, `base.yaml (included by path): key: why`. shown: the name to give
+    `path` (the job file a resolved copy was made from); set_where: how to name an override."""
     try:
         yield
     except ConfigError as err:
@@ -120,9 +121,11 @@ def blamed(path: str, origins: dict):
         prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
         origin = next((origins[p] for p in prefixes if p in origins),
                       next((o for k, o in origins.items() if k.startswith(key + ".")), path))
-        if origin == path:
+        main = shown or path
+        where = set_where if origin == SET else f"{main}: " if origin in (path, main) else \
+            f"{origin} (included by {main}): "
+        if where == f"{path}: ":
             raise
-        where = f"{SET} " if origin == SET else f"{origin} (included by {path}): "
         raise ConfigError(where + text[len(path) + 2:]) from None
 
 

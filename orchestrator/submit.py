@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import shlex
 import sys
 import time
@@ -26,7 +27,7 @@ import yaml
 from grafit_core.config import read_yaml
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import tracking
-from orchestrator.job import job_dict, load_job
+from orchestrator.job import blamed, job_dict, load_job
 from orchestrator.prepare import RUN_COMMANDS, add_run_flags, format_table, prepare
 from orchestrator.sweep import check_definition
 
@@ -67,17 +68,19 @@ def load_spec(path: str) -> dict:
 def resolved_job(spec: dict, path: str):
     """The job file as one self-contained YAML inside the project while it is uploaded with the job:
     includes merged, the spec's `set` applied, data.root and finetune.checkpoint absolute. Yields its
-    path; removed afterwards (uploaded, or refused: no copy stays behind)."""
-    job = load_job(spec["config"], spec["set"])               # errors name the file (or --set) and key
+    path and where each key came from (Job.origins); removed afterwards (uploaded, or refused: no
+    copy stays behind)."""
+    job = load_job(spec["config"], spec["set"], set_where=f"{path}: set.")   # errors name the file and key
     text = (f"# {spec['config']}, resolved by grafit submit {os.path.abspath(path)}: includes merged, the spec's "
             f"set applied, paths absolute\n" + yaml.safe_dump(job_dict(job), sort_keys=False))
-    out = os.path.join(ROOT, RESOLVED, f"{job.config.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml")
+    unique = hashlib.sha256(f"{text}{os.getpid()}{time.time()}".encode()).hexdigest()[:10]   # one per submission
+    out = os.path.join(ROOT, RESOLVED, f"{job.config.name}-{unique}.yaml")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as f:
         f.write(text)
     os.replace(out + ".tmp", out)
     try:
-        yield out
+        yield out, job.origins
     finally:
         os.remove(out)
         with contextlib.suppress(OSError):
@@ -182,9 +185,11 @@ def cmd_submit(args) -> int:
     path = args.spec
     spec = load_spec(path)
     storage = storage_path(spec, args.storage_path, path)
-    with resolved_job(spec, path) as resolved:
+    with resolved_job(spec, path) as (resolved, origins):
         argv = command_argv(spec, path, storage, resolved)
-        check_locally(argv, path)                            # nothing is started on a failure
+        # the checks run on the resolved copy; their errors name the job file, the included one, or the spec's set
+        with blamed(resolved, origins, shown=spec["config"], set_where=f"{path}: set."):
+            check_locally(argv, path)                        # nothing is started on a failure
         uri = cluster_tracking_uri(spec, args.mlflow_uri, path)
         job_id, entrypoint, jobs = submit(args, spec, argv, uri, path)
     print(f"submitted {job_id} to {args.address}: {entrypoint}", flush=True)
@@ -205,13 +210,15 @@ def submit(args, spec: dict, argv: list[str], uri: str, path: str):
     """Send the job (the project folder, with the resolved job file, is uploaded now)."""
     env = dict(spec["runtime_env"])
     own = env.pop("env_vars", None) or {}
-    secret = [k for k in own if k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN")]
-    if secret:                                # Ray stores a job's runtime_env and shows it in its dashboard
-        raise ConfigError(f"{path}: runtime_env.env_vars.{secret[0]}: a secret in a job's environment is stored and "
-                          f"shown by Ray; give a file path instead ({tracking.CREDENTIALS}, RAY_AUTH_TOKEN_PATH)")
-    creds = {tracking.CREDENTIALS: os.environ[tracking.CREDENTIALS]} if os.environ.get(tracking.CREDENTIALS) else {}
+    secret = [k for k in own if re.search(r"SECRET|PASSWORD|TOKEN|(^|_)KEY$", k.upper())
+              and not k.upper().endswith(("_PATH", "_FILE"))]
+    if secret or re.match(r"^https?://[^/]*@", uri):  # Ray stores a job's runtime_env and shows it in its dashboard
+        where = f"runtime_env.env_vars.{secret[0]}" if secret else f"MLFLOW_TRACKING_URI {uri.split('@')[-1]}"
+        raise ConfigError(f"{path}: {where}: a secret in a job's environment is stored and shown by Ray; give a "
+                          f"file path instead ({tracking.CREDENTIALS}, RAY_AUTH_TOKEN_PATH), read on the nodes")
+    # the nodes' own GRAFIT_MLFLOW_CREDENTIALS (cluster/local.sh, the KubeRay pods) holds: not this machine's path
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PYTHONUNBUFFERED": "1", **creds, **own, "MLFLOW_TRACKING_URI": uri,
+                "PYTHONUNBUFFERED": "1", **own, "MLFLOW_TRACKING_URI": uri,
                 "GRAFIT_JOB_FILE": spec["config"]}        # where the job came from: a tag of its runs
     runtime_env = {"working_dir": ROOT, "excludes": EXCLUDES, **env, "env_vars": env_vars}
     entrypoint = ENTRYPOINT + shlex.join(argv)

@@ -43,8 +43,8 @@ def check_definition(job: Job, storage_path: str) -> None:
     """A rerun continues the sweep stored under the same name: refuse it (naming the keys) when the
     definition changed (space, eval grid, budget, anything trained), before any resource is taken."""
     if "://" in storage_path:                 # trial results, definitions and journals are local files
-        raise ConfigError(f"{job.source}: --storage-path {storage_path}: a sweep or matrix keeps what makes it "
-                          f"resumable in files: give a folder every node reaches (NFS), not a URI")
+        raise ConfigError(f"{job.source}: --storage-path (or GRAFIT_STORAGE) {storage_path}: a sweep or matrix keeps "
+                          f"what makes it resumable in files: give a folder every node reaches (NFS), not a URI")
     path = os.path.join(state_dir(job, storage_path), "definition.json")
     if not os.path.exists(path):
         return

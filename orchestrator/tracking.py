@@ -28,20 +28,19 @@ CREDENTIALS = "GRAFIT_MLFLOW_CREDENTIALS"   # the path of an MLflow credentials 
 def use_credentials() -> tuple[str, str] | None:
     """(user, password) from the file GRAFIT_MLFLOW_CREDENTIALS names (the format of MLflow's
     ~/.mlflow/credentials), put in this process's environment for MLflow's client: a file path
-    travels to the workers, never the password (a job's runtime_env is stored and shown by Ray)."""
+    travels to the workers, never the password (a job's runtime_env is stored and shown by Ray).
+    Unset, empty or no such file: MLflow's own MLFLOW_TRACKING_USERNAME / _PASSWORD, if any."""
     path = os.environ.get(CREDENTIALS)
-    if not path:
-        return None
-    import configparser
-    parser = configparser.ConfigParser()
-    if not parser.read(path) or not parser.has_option("mlflow", "mlflow_tracking_password"):
-        from grafit_core.errors import GrafitError
-        raise GrafitError(f"{CREDENTIALS} {path}: no MLflow credentials file there (cluster/mlflow_server.sh writes "
-                          f"one beside its database)")
-    user = parser["mlflow"].get("mlflow_tracking_username", "admin")
-    password = parser["mlflow"]["mlflow_tracking_password"]
-    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
-    return user, password
+    if path and os.path.isfile(path):
+        import configparser
+        parser = configparser.RawConfigParser()           # a password may hold any character
+        parser.read(path)
+        if parser.has_option("mlflow", "mlflow_tracking_password"):
+            os.environ.update(MLFLOW_TRACKING_USERNAME=parser.get("mlflow", "mlflow_tracking_username",
+                                                                   fallback="admin"),
+                              MLFLOW_TRACKING_PASSWORD=parser.get("mlflow", "mlflow_tracking_password"))
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return (user, password) if user and password else None
 
 
 def check_server(uri: str) -> None:
@@ -51,28 +50,38 @@ def check_server(uri: str) -> None:
     if not wait_for_server(uri, 0):
         raise GrafitError(f"MLflow tracking server {uri} does not answer; start it (cluster/mlflow_server.sh "
                           f"start) or point MLFLOW_TRACKING_URI elsewhere; nothing was started")
-    status = api_status(uri, use_credentials())
+    status = api_status(uri)
     if status in (401, 403):
-        given = f"the credentials in {os.environ[CREDENTIALS]}" if os.environ.get(CREDENTIALS) else "a request without credentials"
+        path = os.environ.get(CREDENTIALS)
+        given = (f"the credentials in {path}" if path and os.path.isfile(path) else
+                 f"a request without credentials ({CREDENTIALS}={path}: no such file)" if path else
+                 f"a request without credentials ({CREDENTIALS} is not set)")
         raise GrafitError(f"MLflow tracking server {uri} refused {given} (HTTP {status}): set {CREDENTIALS} to the "
                           f"credentials file its cluster/mlflow_server.sh wrote; nothing was started")
 
 
-def api_status(uri: str, credentials: tuple[str, str] | None) -> int:
-    """The HTTP status of an authenticated read (200 for a local store)."""
+def api_status(uri: str) -> int:
+    """The HTTP status of an authenticated read, with the credentials MLflow's client will send
+    (200 for a local store)."""
     import base64
     import urllib.error
     import urllib.request
     if not uri.startswith(("http://", "https://")):
         return 200
     req = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    credentials, token = use_credentials(), os.environ.get("MLFLOW_TRACKING_TOKEN")
     if credentials:
         req.add_header("Authorization", "Basic " + base64.b64encode(":".join(credentials).encode()).decode())
+    elif token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
+    except OSError as err:                    # reached /health a moment ago: say what failed, in one line
+        from grafit_core.errors import GrafitError
+        raise GrafitError(f"MLflow tracking server {uri}: {err}; nothing was started") from None
 
 
 def wait_for_server(uri: str, timeout: float) -> bool:
@@ -93,14 +102,16 @@ def wait_for_server(uri: str, timeout: float) -> bool:
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
-    use_credentials()
+    if uri.startswith(("http://", "https://")):
+        use_credentials()
     return MlflowClient(tracking_uri=uri)
 
 
 def refused(err: Exception) -> bool:
-    """The server refused the credentials (401 / 403): retrying cannot help."""
+    """The server refused the credentials (401 / 403; an artifact upload's requests error too):
+    retrying cannot help."""
     status = getattr(err, "get_http_status_code", lambda: None)()
-    return status in (401, 403)
+    return status in (401, 403) or getattr(getattr(err, "response", None), "status_code", None) in (401, 403)
 
 
 def artifact_root(uri: str) -> str | None:

@@ -146,7 +146,7 @@ def check_submit_spec(path):
     from orchestrator.cli import build_parser
     from orchestrator.submit import command_argv, load_spec, resolved_job
     spec = load_spec(path)
-    with resolved_job(spec, path) as resolved:
+    with resolved_job(spec, path) as (resolved, _):
         argv = command_argv(spec, path, "/shared/checkpoints", resolved)
         args = build_parser().parse_args(argv)
         assert args.command == spec["kind"] and args.storage_path == "/shared/checkpoints"

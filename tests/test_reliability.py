@@ -228,7 +228,7 @@ def test_submit_resolves_the_job_file_into_one_self_contained_yaml(tmp_path):
     job.write_text(f"include: {SMOKE}\nname: outside\nmethod: {{sigma: 0.07}}\n")
     spec = {"kind": "train", "config": str(job), "set": {"optim.epochs": 1, "eval.k_candidates": [3, 4],
                                                           "method.tau_base": 1e-05}}
-    with resolved_job(spec, str(tmp_path / "spec.yaml")) as resolved:
+    with resolved_job(spec, str(tmp_path / "spec.yaml")) as (resolved, _):
         assert os.path.dirname(os.path.dirname(resolved)) == ROOT and "\ninclude:" not in open(resolved).read()
         want, got = load_job(str(job), spec["set"]), load_job(resolved)
         assert job_dict(got) == job_dict(want) and got.config.method.tau_base == 1e-05

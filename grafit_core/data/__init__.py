@@ -75,6 +75,9 @@ def held_out_classes(hierarchy: Hierarchy, unseen, source: str = "<config>") -> 
         raise ConfigError(f"{source}: data.unseen.level: {level!r} is not a level of the dataset "
                           f"({', '.join(hierarchy.levels)})")
     names = hierarchy.classes[level]
+    if len(names) < 2:
+        raise ConfigError(f"{source}: data.unseen.level: {level!r} has {len(names)} class: nothing to hold out and "
+                          f"still train on")
     if unseen.classes:
         unknown = [c for c in unseen.classes if c not in names]
         if unknown:

@@ -184,6 +184,8 @@ def load_omniglot(root: str, *, train_drawers: int = 15, cache_size: int | None 
                         f"<Alphabet>/character<NN>/<charid>_<drawer>.png (or pass download=True)")
     rels = scan_tree(folder, 2, (".png",))
     if alphabets is not None:
+        if not isinstance(alphabets, list) or not all(isinstance(a, str) for a in alphabets):
+            raise ConfigError(f"data.options.alphabets: expected a list of alphabet names, got {alphabets!r}")
         known = sorted({r[0] for r in rels})
         unknown = [a for a in alphabets if a not in known]
         if unknown or not alphabets:
