@@ -327,3 +327,20 @@ def test_journal_resends_what_an_earlier_process_left_and_repairs_a_cut_line(tmp
     assert sent == [1, 2, 3, 4]                                    # older records first, none lost
     assert [json.loads(line)["seq"] for line in open(path)] == [0, 1, 2, 3]
     assert journal.unsent(str(tmp_path)) == []
+
+
+def test_a_replayed_end_never_overrides_a_run_closed_since(tmp_path):
+    # a trial stopped by ASHA: its killed driver left "end FAILED" unsent, its sweep marked it KILLED;
+    # replaying that journal later (a rerun of the sweep, grafit sync) must leave it KILLED
+    from orchestrator import journal, tracking
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    stopped = tracking.start_run(uri, "replay", "stopped", {"a": 1}, {})
+    open_run = tracking.start_run(uri, "replay", "open", {"a": 1}, {})
+    log = journal.Journal(uri, stopped, str(tmp_path / "driver.jsonl"), send_now=False)
+    log.end(False)
+    log.end(False, run_id=open_run)
+    tracking.client(uri).set_terminated(stopped, status="KILLED")
+    assert journal.replay(str(tmp_path / "driver.jsonl"), 10)
+    c = tracking.client(uri)
+    assert c.get_run(stopped).info.status == "KILLED"           # closed since: kept
+    assert c.get_run(open_run).info.status == "FAILED"          # still open: the journal's end applies
