@@ -230,7 +230,7 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain fixed-width table; numbers as percentages like the paper's tables."""
     def cell(v):
         return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
-    widths = [max(len(c), *(len(cell(r.get(c, "-"))) for r in rows)) for c in columns]
+    widths = [max([len(c), *(len(cell(r.get(c, "-"))) for r in rows)]) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(cell(r.get(c, "-")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
     return "\n".join(lines)

@@ -36,6 +36,14 @@ def num_trials(job: Job) -> int:
     return job.sweep.num_samples * (job.sweep.seeds if job.sweep.search == "tpe" else 1)
 
 
+def expected_trials(job: Job) -> int:
+    """How many trials the whole sweep runs: Tune multiplies num_samples by every grid's length."""
+    if job.sweep.search == "tpe":
+        return num_trials(job)
+    grids = [len(v) for spec in job.sweep.space.values() for kind, v in spec.items() if kind == "grid"]
+    return num_trials(job) * math.prod(grids) * (job.sweep.seeds if job.sweep.seeds > 1 else 1)
+
+
 def search_algorithm(job: Job, objective: str | None = None):
     """None for `random` (Tune's variant generator); for `tpe`, Repeater(OptunaSearch) as described above,
     maximising `objective` (job.objective_metric of the test levels)."""

@@ -27,7 +27,7 @@ from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import figures, journal, tracking
 from orchestrator.job import Job, job_dict, job_with, objective_metric
 from orchestrator.prepare import Prepared, format_table, launch, markdown_table, prepare
-from orchestrator.searchers import num_trials, search_algorithm, tune_space
+from orchestrator.searchers import expected_trials, num_trials, search_algorithm, tune_space
 from orchestrator.trials import (TrialSpec, max_epochs, resumable_fields, run_label, trial_fn, trial_key,
                                  trial_progress)
 from orchestrator.workers import storage_uri
@@ -90,12 +90,17 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
         save_state(job, storage_path, "definition.json", job_dict(job))
     parent = parent_run(job, uri, storage_path, prep.fingerprint, prep.kind)
     log = journal.Journal(uri, parent, os.path.join(state_dir(job, storage_path), "mlflow_journal", "parent.jsonl"))
-    ok, grid, wait_s = False, None, job.tracking.offline_wait_s
+    ok, grid, wait_s, interrupted = False, None, job.tracking.offline_wait_s, False
     try:
         spec = TrialSpec(job_dict(job), job.source, uri, parent, prep.fingerprint,
                          storage_uri(storage_path.rstrip("/") + "/trials"), job.config.name, max_failures,
                          prep.levels, on_step)
-        grid = _fit_tuner(job, spec, storage_path, getattr(prep.args, "verbose", False))
+        grid, progress = _fit_tuner(job, spec, storage_path, getattr(prep.args, "verbose", False))
+        missing = progress.unfinished(expected_trials(job))
+        interrupted = missing > 0
+        if interrupted:                        # Tune returns from an interrupted fit() as if it were done
+            raise Interrupted(f"{prep.kind} {job.config.name} interrupted: {missing} of {expected_trials(job)} "
+                              f"trials unfinished; nothing is lost: rerun the same command to continue it")
         # the trials' own records travel through their journals; the parent's are read and
         # written now, so a server that went away during the sweep gets time to come back
         if not tracking.wait_for_server(uri, wait_s):
@@ -116,13 +121,17 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
         try:
             if grid is not None:
                 close_children(log, job, grid)
-            log.end(ok)
+            log.end("KILLED" if interrupted else ok)
         except Exception as err:                 # the server is gone: say so, keep the first error
             print(f"grafit: could not close the sweep's MLflow runs in {uri} ({type(err).__name__}); "
                   f"they stay open", file=sys.stderr)
         if not log.close(wait_s):
             print(f"grafit: the sweep's parent run {parent} records wait in {log.path}: grafit sync "
                   f"{os.path.dirname(log.path)}", file=sys.stderr)
+
+
+class Interrupted(GrafitError):
+    """The sweep stopped before every trial ended (Ctrl-C): no best, no table that looks final."""
 
 
 def check_capacity(sw) -> None:
@@ -153,14 +162,14 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str, verbose: bool = Fal
     limit = sw.max_concurrent if sw.search == "tpe" else None   # random: the seeded generator limits itself
     if not verbose:                           # Tune's reporter of old prints nothing at verbose 0; the new one
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"    # still prints its heading: trial_progress prints instead
+    progress = trial_progress(max_epochs(job), objective_metric(spec.test_levels), quiet=not verbose)
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
                        tune_config=tune.TuneConfig(scheduler=scheduler,
                                                    search_alg=search_algorithm(job, objective_metric(spec.test_levels)),
                                                    num_samples=num_trials(job), max_concurrent_trials=limit),
                        run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name,
-                                                 **({} if verbose else {"verbose": 0, "callbacks": [trial_progress(
-                                                     max_epochs(job), objective_metric(spec.test_levels))]})))
-    return tuner.fit()
+                                                 callbacks=[progress], **({} if verbose else {"verbose": 0})))
+    return tuner.fit(), progress
 
 
 def close_children(log: journal.Journal, job: Job, grid) -> None:

@@ -146,25 +146,38 @@ def objective_reporter(objective: str):
     return WithObjective()
 
 
-def trial_progress(epochs: int, objective: str):
-    """A Tune callback (run by the driver) printing one line per trial epoch, one per trial's end,
-    and the trials' states when they change: Tune's own tables and the workers' logs are behind
-    --verbose."""
+def trial_progress(epochs: int, objective: str, quiet: bool = True):
+    """A Tune callback (run by the driver) that knows which trials ended (completed, stopped by the
+    scheduler or errored): a trial Tune was still running when it was interrupted (Ctrl-C, SIGUSR1)
+    never ends, and Tune returns from fit() as if the sweep were done. When quiet (no --verbose) it
+    prints one line per trial epoch, one per trial's end, and the trials' states when they change:
+    Tune's own tables and the workers' logs are behind --verbose."""
     from collections import Counter
 
     from ray.tune import Callback
 
     def states(trials, trial, now: str) -> None:
         """The trials' states once `trial` is in state `now` (Tune updates it after the callback)."""
-        counts = Counter(now if t is trial else t.status.lower() for t in trials)
-        print("== trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + " ==", flush=True)
+        if quiet:
+            counts = Counter(now if t is trial else t.status.lower() for t in trials)
+            print("== trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + " ==", flush=True)
 
     class Progress(Callback):             # Tune calls it in the driver process
+        def __init__(self):
+            self.started, self.ended = set(), set()
+
+        def unfinished(self, expected: int) -> int:
+            """How many of the sweep's `expected` trials did not end (0: the sweep is complete)."""
+            return max(expected - len(self.ended), len(self.started - self.ended))
+
         def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.add(trial.trial_id)
             states(trials, trial, "running")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             label = f"[{run_label(trial.config)}]"
+            if not quiet:
+                return
             if result.get("skipped"):
                 print(f"{label} skipped: nothing to learn at this level", flush=True)
             elif "trained" in result:
@@ -175,10 +188,13 @@ def trial_progress(epochs: int, objective: str):
                 print(f"{label} epoch {result['epoch']}/{epochs}: {shown}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended.add(trial.trial_id)
             states(trials, trial, "terminated")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[{run_label(trial.config)}] FAILED (its error: {trial.local_path or '-'})", flush=True)
+            self.ended.add(trial.trial_id)
+            if quiet:
+                print(f"[{run_label(trial.config)}] FAILED (its error: {trial.local_path or '-'})", flush=True)
             states(trials, trial, "error")
 
     return Progress()

@@ -34,7 +34,7 @@ def finished(trials: str) -> list[str]:
 
 
 @pytest.mark.timeout(900)
-def test_a_killed_sweep_driver_is_continued_by_the_same_command(tmp_path):
+def test_an_interrupted_or_killed_sweep_driver_is_continued_by_the_same_command(tmp_path):
     from grafit_core.config import config_from_dict
     from grafit_core.data import prepare_data
     from grafit_core.engine import fit
@@ -49,6 +49,24 @@ def test_a_killed_sweep_driver_is_continued_by_the_same_command(tmp_path):
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", path, "--num-cpus", "2",
            "--storage-path", str(tmp_path / "runs")]
     trials = str(tmp_path / "runs" / "trials")
+    # Ctrl-C (SIGINT to the driver) during the first trial: Tune returns as if the sweep were done;
+    # grafit says it was interrupted, prints no best, marks its runs KILLED and exits non-zero
+    interrupted = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not glob.glob(os.path.join(trials, "*", "checkpoint_*", "train_state.pt")):
+            assert interrupted.poll() is None and time.time() < deadline, "the first epoch did not end in time"
+            time.sleep(0.05)
+        os.kill(interrupted.pid, signal.SIGINT)
+        out, err = interrupted.communicate(timeout=300)
+    finally:
+        if interrupted.poll() is None:
+            os.killpg(interrupted.pid, signal.SIGKILL)
+    assert interrupted.returncode == 2, out[-2000:] + err[-2000:]
+    assert "grafit: error: sweep resume interrupted: 2 of 2 trials unfinished" in err and "best" not in out
+    _, _, parents, children = runs_of(uri, "resume")
+    assert [r.info.status for r in parents + children] == ["KILLED", "KILLED"] and not finished(trials)
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
