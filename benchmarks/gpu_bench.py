@@ -2,7 +2,7 @@
 the exact evaluation at ImageNet scale. Needs only grafit_core and PyTorch (+ torchvision): a GPU
 machine may have neither Ray, MLflow nor a package registry. Run through benchmarks/gpu.sh.
 
-    bash benchmarks/gpu.sh            # ResNet-50, 224 px, bf16 autocast, N = 1,281,167
+    bash benchmarks/gpu.sh            # ResNet-50, 224 px, bf16 and fp32 (optim.precision), N = 1,281,167
     bash benchmarks/gpu.sh --tiny     # a correctness run at a tiny size (CPU is fine)
 
 Training: the largest batch (from a list, halving on out-of-memory) that fits, images/s over a few
@@ -32,10 +32,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_step_rate(name, args, device):
-    """(batch, images/s) of the largest batch of args.batches that fits."""
+def train_step_rate(name, precision, args, device):
+    """(batch, images/s) of the largest batch of args.batches that fits, at optim.precision `precision`."""
     cfg = Config()
     cfg.method.name, cfg.model.trunk, cfg.model.width = name, args.trunk, args.width
+    cfg.optim.precision = precision                # the method's own autocast (the kNN loss stays fp32)
     cfg.model.small_stem = args.image_size <= 64
     cfg.data.num_views = 2 if name != "ce" else 1
     for batch in args.batches:
@@ -52,8 +53,7 @@ def train_step_rate(name, args, device):
             indices = torch.randperm(args.n, device=device)[:batch]
 
             def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss, _, z = method.training_step(views, labels, indices, memory)
+                loss, _, z = method.training_step(views, labels, indices, memory)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -123,11 +123,15 @@ def main(argv=None) -> int:
     print(f"device: {card}; torch {torch.__version__}; trunk {args.trunk} {args.image_size}px; N = {args.n:,}",
           flush=True)
     rates = {}
-    for name in ("grafit", "ce"):
-        batch, rate = train_step_rate(name, args, device)
-        rates[name] = rate
-        print(f"train {name:6s} batch {batch:4d}: {rate:9.1f} images/s", flush=True)
-    print(f"train grafit / ce images/s: {rates['grafit'] / rates['ce']:.2f}", flush=True)
+    for precision in ("bf16", "fp32"):
+        for name in ("grafit", "ce"):
+            batch, rate = train_step_rate(name, precision, args, device)
+            rates[name, precision] = rate
+            print(f"train {name:6s} {precision} batch {batch:4d}: {rate:9.1f} images/s", flush=True)
+        print(f"train grafit / ce images/s ({precision}): {rates['grafit', precision] / rates['ce', precision]:.2f}",
+              flush=True)
+    print(f"train bf16 / fp32 images/s: grafit {rates['grafit', 'bf16'] / rates['grafit', 'fp32']:.2f}, "
+          f"ce {rates['ce', 'bf16'] / rates['ce', 'fp32']:.2f}", flush=True)
     t_mm, t_eval, top1, m = eval_rate(args, device)
     print(f"eval Q={args.queries:,} N={args.n:,} d=128: product {t_mm:.2f} s, kNN + mAP (2 levels, cosine + "
           f"conditioned, one pass) {t_eval:.2f} s = {t_eval / t_mm:.1f}x; kNN top-1 {top1:.3f}, mAP {m:.3f}",

@@ -1,11 +1,12 @@
 """Checkpoints of a (possibly sharded) training run, as plain files in one directory.
 
-    train_state.pt                  rank 0: method (online + target), optimizer, epoch, step, history
-    rng_rank<r>.pt                  each rank: its torch RNG state (augmentations) and world size
+    train_state.pt                  rank 0: method (online + target), optimizer, epoch, step, history,
+                                    partial (inside an epoch: its global batches done, their loss sums)
     memory_<start>_<stop>.pt        each rank: the memory rows it owns, by global index range
 
 Memory files are keyed by global index range, so a restart with another worker count
-reshards by reading the ranges that overlap its own. Every file is written atomically
+reshards by reading the ranges that overlap its own. No RNG state: the sample order and each
+sample's augmentations are seeded by (seed, epoch, index) (grafit_core.data.views). Every file is written atomically
 (temporary name, then rename) and loaded with weights_only=True (no arbitrary unpickling).
 """
 from __future__ import annotations
@@ -28,16 +29,15 @@ def atomic_save(obj, path: str) -> None:
 
 
 def save(directory: str, ctx, *, method, optimizer, memory: MemoryBank, epoch: int, step: int,
-         history: list, fingerprint: str = "", meta: dict | None = None) -> None:
+         history: list, fingerprint: str = "", meta: dict | None = None, partial: dict | None = None) -> None:
     """Write this rank's part of the checkpoint into `directory` (shared or per rank).
-    meta: what rebuilds the model without the job file (config, in_channels, num_classes)."""
+    meta: what rebuilds the model without the job file (config, in_channels, num_classes);
+    partial: {"batches", "sums"} for a checkpoint inside epoch `epoch` + 1 (None at an epoch's end)."""
     os.makedirs(directory, exist_ok=True)
     if ctx.is_main:
         atomic_save({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "step": step, "history": history, "fingerprint": fingerprint, "meta": meta or {}},
-                    os.path.join(directory, "train_state.pt"))
-    atomic_save({"torch": torch.get_rng_state(), "world_size": ctx.world_size},
-                os.path.join(directory, f"rng_rank{ctx.rank}.pt"))
+                     "step": step, "history": history, "fingerprint": fingerprint, "meta": meta or {},
+                     "partial": partial}, os.path.join(directory, "train_state.pt"))
     start, stop = memory.offset, memory.offset + len(memory)
     atomic_save({"bank": memory.bank.cpu(), "filled": memory.filled.cpu()},
                 os.path.join(directory, f"memory_{start:012d}_{stop:012d}.pt"))
@@ -53,11 +53,8 @@ def memory_files(directory: str) -> list[tuple[int, int, str]]:
 
 
 def load(directory: str, ctx, *, method, optimizer, memory: MemoryBank) -> dict:
-    """Restore method, optimizer and this rank's memory rows; returns {epoch, step, history, fingerprint}.
-
-    The RNG state is restored only when the worker count is unchanged (else the augmentation
-    stream differs anyway and each rank keeps its fresh seed).
-    """
+    """Restore method, optimizer and this rank's memory rows; returns {epoch, step, history,
+    fingerprint, partial}."""
     state = torch.load(os.path.join(directory, "train_state.pt"), map_location="cpu", weights_only=True)
     method.load_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
@@ -73,12 +70,17 @@ def load(directory: str, ctx, *, method, optimizer, memory: MemoryBank) -> dict:
         covered += b - a
     if covered != hi - lo:
         raise FileNotFoundError(f"{directory}: memory rows [{lo}, {hi}) are not all in the checkpoint")
-    rng_path = os.path.join(directory, f"rng_rank{ctx.rank}.pt")
-    if os.path.exists(rng_path):
-        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
-        if rng["world_size"] == ctx.world_size:
-            torch.set_rng_state(rng["torch"])
-    return {k: state[k] for k in ("epoch", "step", "history", "fingerprint")}
+    return {"partial": state.get("partial"), **{k: state[k] for k in ("epoch", "step", "history", "fingerprint")}}
+
+
+def progress(directory: str) -> tuple[int, int]:
+    """(epochs done, global batches of the next epoch done) of a training or fine-tuning checkpoint."""
+    for name in ("train_state.pt", "finetune_state.pt"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return state["epoch"], (state.get("partial") or {}).get("batches", 0)
+    raise FileNotFoundError(f"{directory}: neither train_state.pt nor finetune_state.pt")
 
 
 def saved_config(directory: str) -> dict | None:

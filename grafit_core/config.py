@@ -69,6 +69,7 @@ class MethodConfig:
     tau_base: float = 0.99                    # EMA decay at step 0 (eq. 1's target network)
     tau_schedule: Literal["cosine", "constant"] = "cosine"   # cosine: BYOL's tau_base -> 1
     memory_renormalize: bool = True           # m <- normalize((m+z)/2); false: paper's literal (m+z)/2
+    memory_dtype: Literal["fp32", "bf16"] = "fp32"   # how the memory's rows are stored (bf16: half the bytes)
     clusters: int = 100                       # ClusterFit+: k-means clusters
     label_smoothing: float = 0.0
 
@@ -82,6 +83,15 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: the networks under autocast; the kNN loss's
+                                              # log-sum-exps and the memory update stay fp32
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0                      # also checkpoint every N global batches inside an epoch (0: off)
+    preemption_probe_steps: int = 20          # on Ray: ask every N batches whether a node is about to be preempted
+                                              # (a barrier of all workers, ~60 ms here), checkpoint at once if so
 
 
 @dataclass
@@ -121,6 +131,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     source: Optional[str] = None              # the file it was read from (set by load_config)
 
     @property
@@ -230,6 +241,9 @@ def validate(cfg: Config) -> Config:
             bad(key, f"must be >= {low}, got {value}")
     if o.base_lr <= 0:
         bad("optim.base_lr", f"must be > 0, got {o.base_lr}")
+    for key in ("every_steps", "preemption_probe_steps"):
+        if getattr(cfg.checkpoint, key) < 0:
+            bad(f"checkpoint.{key}", f"must be >= 0 (0: off), got {getattr(cfg.checkpoint, key)}")
     return cfg
 
 
@@ -327,7 +341,7 @@ def to_dict(cfg: Config) -> dict:
 # What a checkpoint's config may differ in and still be resumed: more epochs, evaluation-only
 # values, names, tracking, where the data lives and how it is read (never what is trained).
 # (sweep., matrix., tracking.: sections that checkpoints written before orchestrator/job.py held)
-FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "sweep.", "matrix.", "tracking.", "finetune.",
+FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "checkpoint.", "sweep.", "matrix.", "tracking.", "finetune.",
                        "data.root", "data.num_workers", "data.options.cache_size", "data.test_levels")
 
 
@@ -342,13 +356,16 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
     return out
 
 
+LATER_DEFAULTS = {"optim.precision": "fp32", "method.memory_dtype": "fp32"}   # keys added since configs were stored
+
+
 def flat_config(cfg_dict: dict) -> dict:
-    """flatten_dict, without data.unseen when nothing is held out: the same keys as a config (a
-    checkpoint, a sweep's definition) written before that section existed."""
+    """flatten_dict, without data.unseen when nothing is held out and without keys added later at
+    their default: the same keys as a config (a checkpoint, a sweep's definition) written before."""
     flat = flatten_dict(cfg_dict)
     if not flat.get("data.unseen.classes") and not flat.get("data.unseen.fraction"):
         flat = {k: v for k, v in flat.items() if not k.startswith("data.unseen.")}
-    return flat
+    return {k: v for k, v in flat.items() if k not in LATER_DEFAULTS or LATER_DEFAULTS[k] != v}
 
 
 def fingerprint_fields(cfg_dict: dict) -> dict:

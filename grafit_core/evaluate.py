@@ -65,8 +65,9 @@ def online_knn(memory, level_labels: dict[str, torch.Tensor], val_idx: torch.Ten
     k = min(cfg.eval.k if isinstance(cfg.eval.k, int) else ONLINE_K, n - 1)
     lo, hi = memory.offset, memory.offset + len(memory)
     shard_labels = {lv: lab[lo:hi] for lv, lab in level_labels.items()}
-    val = replicate_rows(memory.bank, lo, val_idx, ctx)
-    preds = knn_predict(val, memory.bank, shard_labels, lo, [k], cfg.eval_sigma, _num_classes(level_labels), ctx,
+    bank = memory.bank.float()                       # a bf16 memory (method.memory_dtype) is scored in fp32
+    val = replicate_rows(bank, lo, val_idx, ctx)
+    preds = knn_predict(val, bank, shard_labels, lo, [k], cfg.eval_sigma, _num_classes(level_labels), ctx,
                         exclude=val_idx, backend=cfg.eval.knn_backend)
     return {f"online_knn_top1/{lv}": float((preds[(lv, k)].cpu() == lab[val_idx]).float().mean())
             for lv, lab in level_labels.items()}

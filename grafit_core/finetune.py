@@ -25,7 +25,7 @@ from grafit_core.data.pipeline import pipeline_of
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, TrainViews
 from grafit_core.distributed import DistContext
-from grafit_core.engine import build_loader, lr_at, reduce_mean
+from grafit_core.engine import build_loader, lr_at, reduce_mean, set_epoch
 from grafit_core.errors import ConfigError
 from grafit_core.memory import shard_bounds
 from grafit_core.models import build_trunk, mlp
@@ -138,9 +138,8 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
     model = DistributedDataParallel(net, device_ids=None if ctx.device.type == "cpu" else [ctx.device]) \
         if ctx.distributed else net
     channels = train.image(0).shape[0]
-    torch.manual_seed(cfg.seed + 1000 * ctx.rank)                  # augmentation stream per rank
     tf = build_transform(cfg.data.augment, cfg.data.image_size, channels, train=True)
-    loader, sampler = build_loader(TrainViews(train, labels.numpy(), tf, 1), ocfg, ctx)
+    loader = build_loader(TrainViews(train, labels.numpy(), tf, 1, cfg.seed), ocfg, ctx)
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": ocfg.optim.weight_decay},
@@ -154,12 +153,9 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optimizer"])
         first_epoch, step, history = state["epoch"], state["step"], state["history"]
-        rng = os.path.join(resume_from, f"rng_rank{ctx.rank}.pt")
-        if os.path.exists(rng):                      # each rank's augmentation stream
-            torch.set_rng_state(torch.load(rng, weights_only=True))
     test_labels = torch.as_tensor(test.labels_at(level))
     for epoch in range(first_epoch, cfg.finetune.epochs):
-        sampler.set_epoch(epoch)
+        set_epoch(loader, epoch)
         start, losses = time.time(), []
         net.train()
         for i, (views, y, _) in enumerate(loader):
@@ -191,7 +187,6 @@ def finetune(cfg: Config, train: Collection, test: Collection, ctx: DistContext 
                     checkpoint.atomic_save({"net": net.state_dict(), "optimizer": opt.state_dict(), "epoch": _epoch,
                                             "step": _step, "history": history, "config": to_dict(cfg)},
                                            os.path.join(directory, STATE))
-                checkpoint.atomic_save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{ctx.rank}.pt"))
             on_epoch(epoch + 1, stats, save)
     final = {k: v for k, v in history[-1].items() if k.startswith("finetune_")}
     return FinetuneResult(net, final, history)

@@ -15,11 +15,11 @@ from grafit_core.losses import knn_loss, knn_partials, knn_terms
 
 class MemoryBank:
     def __init__(self, labels: torch.Tensor, dim: int, *, offset: int = 0, renormalize: bool = True,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
         self.offset = offset
         self.renormalize = renormalize
-        self.bank = torch.zeros(len(self.labels), dim, device=device)
+        self.bank = torch.zeros(len(self.labels), dim, device=device, dtype=dtype)   # bf16: stored, not computed in
         self.filled = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
 
     def __len__(self) -> int:
@@ -29,7 +29,7 @@ class MemoryBank:
         """Rows of this block among `indices`, each once (a padded sampler may repeat an index)."""
         local = indices.to(self.bank.device) - self.offset
         mine = (local >= 0) & (local < len(self))
-        local, z = local[mine], z.detach().to(self.bank)[mine]
+        local, z = local[mine], z.detach().to(self.bank.device, torch.float32)[mine]
         uniq, inverse = torch.unique(local, return_inverse=True)
         first = torch.full_like(uniq, len(local)).scatter_reduce(
             0, inverse, torch.arange(len(local), device=local.device), reduce="amin")
@@ -39,15 +39,15 @@ class MemoryBank:
     def fill(self, indices: torch.Tensor, z: torch.Tensor) -> None:
         """Write rows as they are (the initial pass over the training set, and the final recompute)."""
         rows, z = self._local(indices, z)
-        self.bank[rows] = z
+        self.bank[rows] = z.to(self.bank.dtype)
         self.filled[rows] = True
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, z: torch.Tensor) -> None:
         """m_i <- normalize((m_i + z_i) / 2) (SNCA); with renormalize=False the paper's literal (m_i + z_i) / 2."""
         rows, z = self._local(indices, z)
-        new = (self.bank[rows] + z) / 2
-        self.bank[rows] = F.normalize(new, dim=1) if self.renormalize else new
+        new = (self.bank[rows].float() + z) / 2                     # in fp32 whatever the bank's dtype
+        self.bank[rows] = (F.normalize(new, dim=1) if self.renormalize else new).to(self.bank.dtype)
 
     def is_full(self) -> bool:
         return bool(self.filled.all())
@@ -84,11 +84,13 @@ class ShardedMemoryBank(MemoryBank):
     exactly the single-process mean. Communication per step is O(B_global * d), not O(N).
     """
 
-    def __init__(self, labels: torch.Tensor, dim: int, ctx, *, renormalize: bool = True):
+    def __init__(self, labels: torch.Tensor, dim: int, ctx, *, renormalize: bool = True,
+                 dtype: torch.dtype = torch.float32):
         labels = torch.as_tensor(labels, dtype=torch.long)
         self.num_rows = len(labels)
         start, stop = shard_bounds(self.num_rows, ctx.world_size, ctx.rank)
-        super().__init__(labels[start:stop], dim, offset=start, renormalize=renormalize, device=ctx.device)
+        super().__init__(labels[start:stop], dim, offset=start, renormalize=renormalize, device=ctx.device,
+                         dtype=dtype)
         self.ctx = ctx
 
     def knn_loss(self, z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -32,9 +32,46 @@ class SweepConfig:
                                               # tpe: configurations
     seeds: int = 1                            # replicates of each configuration, seeds seed, seed + 1, ...
     max_concurrent: int = 1
-    workers: int = 1                          # Ray Train workers per trial
+    workers: Union[int, str] = 1              # Ray Train workers per trial: N, or MIN-MAX (elastic, see Workers)
+    resize_interval_s: float = 60.0           # elastic: how often Ray considers resizing a healthy group
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+
+    @property
+    def worker_range(self) -> "Workers":
+        return Workers.parse(self.workers)
+
+
+@dataclass(frozen=True)
+class Workers:
+    """A worker count `N`, or an elastic range `MIN-MAX`: Ray Train V2 starts the group at the size the
+    cluster can hold, restarts it smaller when a node is lost and larger when nodes come back (from
+    the latest checkpoint; the memory is resharded by global index range), never below MIN."""
+    min: int
+    max: int
+
+    @classmethod
+    def parse(cls, value) -> "Workers":
+        text = str(value).strip()
+        lo, _, hi = text.partition("-")
+        if not (lo.isdigit() and (hi.isdigit() or not _)) or int(lo) < 1 or int(hi or lo) < int(lo):
+            raise ValueError(f"expected N or MIN-MAX with 1 <= MIN <= MAX, got {value!r}")
+        return cls(int(lo), int(hi or lo))
+
+    @property
+    def elastic(self) -> bool:
+        return self.max > self.min
+
+    @property
+    def sizes(self) -> range:
+        return range(self.min, self.max + 1)
+
+    def scaling(self):
+        """ScalingConfig's num_workers: an int, or the (min, max) tuple of an elastic group."""
+        return (self.min, self.max) if self.elastic else self.min
+
+    def __str__(self) -> str:
+        return f"{self.min}-{self.max}" if self.elastic else str(self.min)
 
 
 @dataclass
@@ -207,9 +244,13 @@ def check_sweep(job: Job) -> None:
             bad(where, "expected a non-empty list of values")
         for value in values:
             check_value(where, key, value)
+    try:
+        Workers.parse(sw.workers)
+    except ValueError as err:
+        bad("sweep.workers", str(err))
     for key, value, low in (("sweep.num_samples", sw.num_samples, 1), ("sweep.max_concurrent", sw.max_concurrent, 1),
-                            ("sweep.workers", sw.workers, 1), ("sweep.grace_period", sw.grace_period, 1),
-                            ("sweep.seeds", sw.seeds, 1)):
+                            ("sweep.grace_period", sw.grace_period, 1), ("sweep.seeds", sw.seeds, 1),
+                            ("sweep.resize_interval_s", sw.resize_interval_s, 0)):
         if value < low:
             bad(key, f"must be >= {low}, got {value}")
     check_search(job, bad)

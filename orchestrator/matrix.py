@@ -16,7 +16,7 @@ import math
 
 from orchestrator import figures, tracking
 from orchestrator.journal import Journal
-from orchestrator.prepare import launch, prepare
+from orchestrator.prepare import launch, max_failures, prepare
 from orchestrator.sweep import check_definition, run_sweep
 
 METRICS = ("knn_top1", "map_cosine", "map_at_r", "map_cond", "map_oracle", "finetune_top1")
@@ -176,7 +176,8 @@ def cmd_matrix(args) -> int:
         log_matrices(log, matrices, train_levels, prep.columns)
         example_figures(log, grid, prep.train, prep.query, train_levels, levels)
 
-    grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures, after=after)
+    grid, parent = run_sweep(prep, storage_path=args.storage_path, after=after,
+                             max_failures=max_failures(args, job.sweep.worker_range))
     print_matrices(matrices, train_levels, prep.columns)
     print("\n" + tracking.where(tracking.tracking_uri(), parent, "parent run (matrices, heatmaps, one child run per "
                                                             "cell)", experiment=True))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from grafit_core.data import Collection
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import tracking
-from orchestrator.job import Job, blamed, load_job, matrix_sweep, parse_set
+from orchestrator.job import Job, Workers, blamed, load_job, matrix_sweep, parse_set
 
 # kind: (help, example job, storage default, max_failures default, what the storage holds)
 RUN_COMMANDS = {
@@ -37,8 +37,9 @@ def add_run_flags(p: argparse.ArgumentParser, kind: str) -> argparse.ArgumentPar
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
     p.add_argument("--storage-path", default=os.environ.get("GRAFIT_STORAGE") or storage,
                    help=f"{storage_what} (default GRAFIT_STORAGE, else {storage})")
-    p.add_argument("--max-failures", type=int, default=failures,
-                   help=f"worker-group restarts from the latest checkpoint before giving up (default {failures})")
+    p.add_argument("--max-failures", type=int, default=None,
+                   help=f"worker-group restarts from the latest checkpoint before giving up (a lost node is one); "
+                        f"default {failures}, at least {ELASTIC_FAILURES} with an elastic MIN-MAX worker range")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--check", action="store_true",
                    help="validate config, flags, data and levels, then exit without starting Ray")
@@ -47,8 +48,12 @@ def add_run_flags(p: argparse.ArgumentParser, kind: str) -> argparse.ArgumentPar
                         "(default: one line per epoch per run, the trials' states, the final tables)")
     if kind in ("train", "finetune"):           # sweeps and matrices size their trials in sweep.*
         default = 2 if kind == "train" else 1
-        p.add_argument("--workers", type=int, default=default,
-                       help=f"Ray Train workers (one process each); default {default}")
+        p.add_argument("--workers", type=workers_arg, default=Workers(default, default), metavar="N|MIN-MAX",
+                       help=f"Ray Train workers (one process each); MIN-MAX: an elastic group that Ray sizes "
+                            f"to what the cluster holds, shrinking when a node is lost and growing back "
+                            f"(restarts from the latest checkpoint); default {default}")
+        p.add_argument("--resize-interval-s", type=float, default=60.0,
+                       help="elastic groups: how often Ray considers growing a healthy group (default 60 s)")
         p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
         p.add_argument("--gpus-per-worker", type=float, default=0.0,
                        help="GPUs per worker; > 0 uses NCCL and CUDA (default 0: gloo on CPU)")
@@ -76,9 +81,31 @@ class Prepared:
         return self.levels + unseen
 
 
-def check_batch(batch: int, key: str, workers: int, flag: str, source: str) -> None:
-    if batch % workers:
-        raise GrafitError(f"{source}: {key}: {batch} (the global batch) must be divisible by {flag} {workers}")
+ELASTIC_FAILURES = 2                          # default restarts of an elastic group: a lost node is a failure to Ray
+
+
+def workers_arg(text: str) -> Workers:
+    try:
+        return Workers.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def max_failures(args: argparse.Namespace, workers: Workers) -> int:
+    """--max-failures, or its default: the command's, at least ELASTIC_FAILURES for an elastic group."""
+    if args.max_failures is not None:
+        return args.max_failures
+    default = RUN_COMMANDS[args.command][3]
+    return max(default, ELASTIC_FAILURES) if workers.elastic else default
+
+
+def check_batch(batch: int, key: str, workers: Workers, flag: str, source: str) -> None:
+    """The global batch is split evenly: every size an elastic group may take must divide it."""
+    bad = [w for w in workers.sizes if batch % w]
+    if bad:
+        raise GrafitError(f"{source}: {key}: {batch} (the global batch) must be divisible by {flag} {workers}"
+                          + (f": by every size Ray may pick, not by {', '.join(map(str, bad))}" if workers.elastic
+                             else ""))
 
 
 def check_sweep_against_data(job: Job, train) -> None:
@@ -123,7 +150,7 @@ def _checked(kind: str, args: argparse.Namespace, job: Job) -> Prepared:
             (cfg.finetune.batch_size, "finetune.batch_size")
         check_batch(batch, key, args.workers, "--workers", src)
     if kind in ("sweep", "matrix"):
-        check_batch(cfg.optim.batch_size, "optim.batch_size", job.sweep.workers, "sweep.workers", src)
+        check_batch(cfg.optim.batch_size, "optim.batch_size", job.sweep.worker_range, "sweep.workers", src)
     if kind == "train" and cfg.model.sync_bn and args.gpus_per_worker <= 0:
         raise GrafitError(f"{src}: model.sync_bn: SyncBatchNorm needs GPU workers "
                           f"(--gpus-per-worker > 0); on CPU BatchNorm statistics stay per worker")
@@ -136,7 +163,7 @@ def _checked(kind: str, args: argparse.Namespace, job: Job) -> Prepared:
             from grafit_core.config import with_overrides
             for lv in levels:
                 check_finetune(with_overrides(job.config, {"finetune.level": lv}), train)
-            check_batch(cfg.finetune.batch_size, "finetune.batch_size", job.sweep.workers,
+            check_batch(cfg.finetune.batch_size, "finetune.batch_size", job.sweep.worker_range,
                         "sweep.workers (matrix.finetune is on)", src)
         summary = f"{len(methods) * len(job.matrix.train_levels)} cells on {len(train)} images"
     if kind in ("sweep", "matrix"):
@@ -156,12 +183,12 @@ def check_local_cpus(prep: Prepared) -> None:
     if prep.args.ray_address or os.environ.get("RAY_ADDRESS"):
         return
     have = prep.args.num_cpus or os.cpu_count() or 1
-    if prep.kind in ("train", "finetune"):
-        need, what = prep.args.workers * prep.args.cpus_per_worker, \
+    if prep.kind in ("train", "finetune"):         # an elastic group needs its minimum
+        need, what = prep.args.workers.min * prep.args.cpus_per_worker, \
             f"--workers {prep.args.workers} x --cpus-per-worker {prep.args.cpus_per_worker:g}"
     else:
         sw = prep.job.sweep
-        need, what = sw.max_concurrent * sw.workers * sw.cpus_per_worker, \
+        need, what = sw.max_concurrent * sw.worker_range.min * sw.cpus_per_worker, \
             f"sweep.max_concurrent {sw.max_concurrent} x sweep.workers {sw.workers} x sweep.cpus_per_worker " \
             f"{sw.cpus_per_worker:g}"
     if need > have + 1e-9:

@@ -26,7 +26,7 @@ from typing import Callable
 from grafit_core.errors import ConfigError, GrafitError
 from orchestrator import figures, journal, tracking
 from orchestrator.job import Job, job_dict, job_with, objective_metric
-from orchestrator.prepare import Prepared, format_table, launch, markdown_table, prepare
+from orchestrator.prepare import Prepared, format_table, launch, markdown_table, max_failures, prepare
 from orchestrator.searchers import expected_trials, num_trials, search_algorithm, tune_space
 from orchestrator.trials import (TrialSpec, max_epochs, resumable_fields, run_label, trial_fn, trial_key,
                                  trial_progress)
@@ -137,7 +137,7 @@ class Interrupted(GrafitError):
 def check_capacity(sw) -> None:
     import ray
     cpus = ray.cluster_resources().get("CPU", 0)
-    need = sw.max_concurrent * sw.workers * sw.cpus_per_worker
+    need = sw.max_concurrent * sw.worker_range.min * sw.cpus_per_worker     # an elastic trial needs its minimum
     if need > cpus + 1e-9:
         raise GrafitError(f"sweep.max_concurrent x sweep.workers x sweep.cpus_per_worker = {need:g} CPUs but "
                           f"the Ray cluster has {cpus:g}: concurrent trials would wait forever")
@@ -324,7 +324,8 @@ def cmd_sweep(args) -> int:
     check_definition(prep.job, args.storage_path)
     if not launch(prep):
         return 0
-    grid, parent = run_sweep(prep, storage_path=args.storage_path, max_failures=args.max_failures)
+    grid, parent = run_sweep(prep, storage_path=args.storage_path,
+                             max_failures=max_failures(args, prep.job.sweep.worker_range))
     params = list(prep.job.sweep.space)
     keys = summary_keys(prep.levels)
     rows = trial_table(prep.job, grid, params, keys)

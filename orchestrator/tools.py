@@ -89,7 +89,10 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/#/?workflowType=machine_learning "
           f"(Ctrl-C to stop)", flush=True)
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
+    # one server process: with several, uvicorn's supervisor restarts a worker that misses its health
+    # check while still starting (a loaded machine here: "Child process died" in a loop, never up)
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+                      "--workers", "1"])
 
 
 def cmd_sync(args) -> int:

@@ -8,7 +8,7 @@ import time
 
 from orchestrator import tracking
 from orchestrator.job import parse_set
-from orchestrator.prepare import format_table, launch, prepare
+from orchestrator.prepare import format_table, launch, max_failures, prepare
 from orchestrator.workers import tracked_training
 
 METRIC_COLUMNS = ["k", "knn_top1", "map_cosine", "map_at_r", "map_cond", "map_oracle"]
@@ -54,7 +54,8 @@ def run_on_ray(kind: str, args):
     result = tracked_training(prep.job, uri=tracking.tracking_uri(), run_name=name, fingerprint=prep.fingerprint,
                               task="fit" if kind == "train" else "finetune", workers=args.workers,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                              storage_path=args.storage_path, name=name, max_failures=args.max_failures,
+                              storage_path=args.storage_path, name=name,
+                              max_failures=max_failures(args, args.workers), resize_interval_s=args.resize_interval_s,
                               echo=not args.verbose)
     if result.error:
         print(f"grafit: {'training' if kind == 'train' else 'fine-tuning'} failed: {result.error}", file=sys.stderr)

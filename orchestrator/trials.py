@@ -25,7 +25,7 @@ from orchestrator.workers import latest_checkpoint, run_training, tracked_traini
 RESULT = "trial.json"                         # the reports of a finished trial, in order
 # what a rerun may change and still continue a sweep (and a trial keep its key): where and how
 # wide it runs, where its data lives, how long it waits for MLflow; never what is trained or where it is tracked
-RESUMABLE_CHANGES = ("name", "tracking.embeddings_max_mb", "tracking.log_checkpoint", "tracking.offline_wait_s",
+RESUMABLE_CHANGES = ("name", "checkpoint.", "tracking.embeddings_max_mb", "tracking.log_checkpoint", "tracking.offline_wait_s",
                      "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker", "sweep.gpus_per_worker",
                      "data.root", "data.num_workers", "data.options.cache_size")
 
@@ -115,9 +115,10 @@ def trial_fn(params: dict, spec: TrialSpec) -> None:
         report(epoch)
     result = tracked_training(
         job, uri=spec.uri, run_name=f"{spec.name}/{run_label(params)}", fingerprint=spec.fingerprint,
-        parent_run_id=spec.parent_run_id, tags={"grafit.trial_key": key}, workers=sw.workers,
+        parent_run_id=spec.parent_run_id, tags={"grafit.trial_key": key}, workers=sw.worker_range,
         cpus_per_worker=sw.cpus_per_worker, gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path,
-        name=f"{spec.name}-{key}", max_failures=spec.max_failures, callbacks=[objective_reporter(objective)],
+        name=f"{spec.name}-{key}", max_failures=spec.max_failures, resize_interval_s=sw.resize_interval_s,
+        callbacks=[objective_reporter(objective)],
         on_step=spec.on_step, one_run=True,
         wait_s=10.0)                            # a server that is away: the sweep's end replays, not each trial
     if result.error is not None:
@@ -141,7 +142,8 @@ def objective_reporter(objective: str):
 
     class WithObjective(TuneReportCallback):   # sent to Train's controller by cloudpickle, local class included
         def after_report(self, run_context, metrics, checkpoint):
-            super().after_report(run_context, [{objective: math.nan, **metrics[0]}, *metrics[1:]], checkpoint)
+            if "epoch" in metrics[0]:             # not a checkpoint inside an epoch (checkpoint.every_steps)
+                super().after_report(run_context, [{objective: math.nan, **metrics[0]}, *metrics[1:]], checkpoint)
 
     return WithObjective()
 
@@ -221,9 +223,10 @@ def finetune_cells(job: Job, result, spec: TrialSpec, key: str) -> dict:
     out, sw = {}, job.sweep
     for level in spec.test_levels:
         ft = with_overrides(job.config, {"finetune.checkpoint": result.checkpoint.path, "finetune.level": level})
-        r = run_training(ft, task="finetune", workers=sw.workers, cpus_per_worker=sw.cpus_per_worker,
+        r = run_training(ft, task="finetune", workers=sw.worker_range, cpus_per_worker=sw.cpus_per_worker,
                          gpus_per_worker=sw.gpus_per_worker, storage_path=spec.storage_path,
-                         name=f"{spec.name}-{key}-finetune-{level}", max_failures=spec.max_failures)
+                         name=f"{spec.name}-{key}-finetune-{level}", max_failures=spec.max_failures,
+                         resize_interval_s=sw.resize_interval_s)
         if r.error is not None:
             raise r.error
         out[f"finetune_top1/{level}"] = r.return_value["metrics"][f"finetune_top1/{level}"]

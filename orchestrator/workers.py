@@ -21,7 +21,7 @@ import torch
 from grafit_core.config import Config, config_from_dict, to_dict
 from grafit_core.errors import GrafitError
 from orchestrator import journal, tracking
-from orchestrator.job import Job, job_dict
+from orchestrator.job import Job, Workers, job_dict
 
 
 @dataclass
@@ -54,6 +54,7 @@ def worker_loop(spec: WorkerSpec) -> dict:
     import ray.train.torch
     import torch.distributed as dist
 
+    from grafit_core.checkpoint import progress
     from grafit_core.data import prepare_data
     from grafit_core.distributed import DistContext
     from grafit_core.engine import fit
@@ -84,8 +85,11 @@ def worker_loop(spec: WorkerSpec) -> dict:
         nodes = [ray.get_runtime_context().get_node_id()] * world
         if world > 1:
             dist.all_gather_object(nodes, nodes[0])
-        if ctx.is_main:
-            log_to.set_tags({f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)})
+        if ctx.is_main:                        # every (re)start of the group, at its size (elastic groups)
+            epoch, batches = progress(resume_dir) if resume_dir else (0, 0)
+            log_to.set_tags({**{f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)}, "ray.world_size": world,
+                             f"ray.start.epoch{epoch}.batch{batches}": f"{world} workers: {','.join(nodes)}"})
+            log_to.log_metrics({"world_size": world}, step=epoch)
     # each epoch is logged once, also when this worker group restarts from an older checkpoint
     logged = max(run.logged_epochs, log_to.epochs_logged()) if run else 0
 
@@ -96,13 +100,33 @@ def worker_loop(spec: WorkerSpec) -> dict:
             save(tmp)
             ray.train.report(dict(stats), checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    notice = {"saved": False}
+
+    def on_partial(epoch, batches, due, save):
+        """Inside an epoch: a checkpoint every checkpoint.every_steps, and one as soon as a node of the
+        group is about to be preempted (`ray drain-node`, a spot reclaim). The report has no "epoch":
+        Tune never sees it."""
+        probe = cfg.checkpoint.preemption_probe_steps
+        # a barrier of every rank (~60 ms here): asked every `probe` batches, the same ones on every rank
+        preempted = bool(probe) and batches % probe == 0 and ray.train.get_preemption_info() is not None
+        if not due and not (preempted and not notice["saved"]):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save(tmp)
+            ray.train.report({"partial_epoch": epoch, "batches_done": batches},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if preempted and not notice["saved"] and run and ctx.is_main:
+            log_to.set_tags({"grafit.preemption_checkpoint": f"epoch {epoch}, after {batches} batches"})
+        notice["saved"] = notice["saved"] or preempted
+
     def on_step(epoch, step_in_epoch):
         spec.on_step(epoch, step_in_epoch, ctx.rank)
 
     core, epochs = (fit, cfg.optim.epochs) if spec.task == "fit" else (finetune, cfg.finetune.epochs)
+    inside = {"on_partial": on_partial} if spec.task == "fit" else {}   # fine-tuning checkpoints per epoch
     try:
         result = core(cfg, train, test, ctx, on_epoch=on_epoch, log=print if ctx.is_main else (lambda s: None),
-                      resume_from=resume_dir, on_step=on_step if spec.on_step else None)
+                      resume_from=resume_dir, on_step=on_step if spec.on_step else None, **inside)
         skipped = getattr(result, "skipped", None)
         if run and not skipped:
             if ctx.is_main:
@@ -148,24 +172,30 @@ def check_checkpoint(cfg: Config, latest: str | None) -> None:
         check_resumable(saved, to_dict(cfg), latest)
 
 
-def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
-    """A shortfall makes Ray wait forever for a placement group: refuse it up front instead."""
+def as_workers(workers) -> Workers:
+    return workers if isinstance(workers, Workers) else Workers(workers, workers)
+
+
+def check_resources(workers, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """A shortfall makes Ray wait forever for a placement group: refuse it up front instead (an
+    elastic group needs room for its minimum)."""
     import ray
-    have = ray.cluster_resources()
-    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    have, n = ray.cluster_resources(), as_workers(workers).min
+    need = {"CPU": n * cpus_per_worker, "GPU": n * gpus_per_worker}
     for kind, amount in need.items():
         if amount > have.get(kind, 0) + 1e-9:
             raise GrafitError(
-                f"--workers {workers} needs {amount:g} {kind}s ({workers} x {amount / workers:g} per worker) "
+                f"--workers {workers} needs {amount:g} {kind}s ({n} x {amount / n:g} per worker) "
                 f"but the Ray cluster has {have.get(kind, 0):g}; lower --workers or "
                 f"--{kind.lower()}s-per-worker, or add nodes")
 
 
-def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worker: float = 1.0,
+def run_training(cfg: Config, *, task: str = "fit", workers, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, storage_path: str = "runs/ray", name: str | None = None,
                  max_failures: int = 1, mlflow: MlflowTarget | None = None, callbacks: list | None = None,
-                 on_step: Callable | None = None):
-    """Run `task` for cfg on the connected Ray cluster; returns Ray's Result (metrics, checkpoint)."""
+                 on_step: Callable | None = None, resize_interval_s: float = 60.0):
+    """Run `task` for cfg on the connected Ray cluster with `workers` (an int or a Workers range);
+    returns Ray's Result (metrics, checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -180,7 +210,8 @@ def run_training(cfg: Config, *, task: str = "fit", workers: int, cpus_per_worke
     trainer = TorchTrainer(
         worker_loop, train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=as_workers(workers).scaling(), use_gpu=use_gpu,
+                                     resources_per_worker=resources, elastic_resize_monitor_interval_s=resize_interval_s),
         run_config=RunConfig(storage_path=storage_uri(storage_path), name=name or cfg.name,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),

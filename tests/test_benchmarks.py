@@ -12,8 +12,10 @@ def test_gpu_script_runs_on_cpu_at_a_tiny_size():
     p = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--tiny"], capture_output=True,
                        text=True, timeout=240, env={**os.environ, "PYTHON": sys.executable})
     assert p.returncode == 0, p.stdout + p.stderr
-    rates = dict(re.findall(r"train (\w+)\s+batch\s+\d+:\s+([\d.]+) images/s", p.stdout))
-    assert set(rates) == {"grafit", "ce"} and all(float(r) > 0 for r in rates.values())
+    rates = {(m, prec): float(r) for m, prec, r in
+             re.findall(r"train (\w+)\s+(bf16|fp32) batch\s+\d+:\s+([\d.]+) images/s", p.stdout)}
+    assert set(rates) == {(m, prec) for m in ("grafit", "ce") for prec in ("bf16", "fp32")}, p.stdout
+    assert all(r > 0 for r in rates.values())
     ev = re.search(r"kNN top-1 ([\d.]+), mAP ([\d.]+)", p.stdout)
     assert ev and 0 < float(ev.group(1)) <= 1 and 0 < float(ev.group(2)) <= 1, p.stdout
 

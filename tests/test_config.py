@@ -185,7 +185,7 @@ def test_a_submit_spec_with_bad_options_names_them():
     from grafit_core.errors import ConfigError
     from orchestrator.submit import check_locally
     for argv, msg in ((["sweep", "jobs/smoke.yaml", "--workers", "2"], "unrecognized arguments: --workers 2"),
-                      (["train", "jobs/smoke.yaml", "--workers", "x"], "argument --workers: invalid int value: 'x'")):
+                      (["train", "jobs/smoke.yaml", "--workers", "x"], "argument --workers: expected N or MIN-MAX with 1 <= MIN <= MAX, got 'x'")):
         with pytest.raises(ConfigError, match=f"^spec.yaml: options: {msg}$"):
             check_locally(argv, "spec.yaml")
 

@@ -9,7 +9,7 @@ from grafit_core.data import prepare_data
 from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import TrainViews
 from grafit_core.distributed import DistContext
-from grafit_core.engine import build_loader, fit
+from grafit_core.engine import build_loader, fit, set_epoch
 from grafit_core.finetune import FinetuneNet, _as_optim, feature_dim, finetune
 
 torch.set_num_threads(1)
@@ -46,8 +46,9 @@ def test_finetune_starts_from_the_pretrained_trunk_and_learns_the_fine_labels(tm
     net = FinetuneNet(method.net.trunk, dim, train.num_classes("l2"), "fc", 1024).train()
     torch.manual_seed(cfg.seed)
     tf = build_transform("characters", 16, meta["in_channels"], train=True)
-    loader, sampler = build_loader(TrainViews(train, train.labels_at("l2"), tf, 1), _as_optim(ft_cfg), DistContext())
-    sampler.set_epoch(0)
+    loader = build_loader(TrainViews(train, train.labels_at("l2"), tf, 1, ft_cfg.seed), _as_optim(ft_cfg),
+                          DistContext())
+    set_epoch(loader, 0)
     views, y, _ = next(iter(loader))
     assert F.cross_entropy(net(views[:, 0]), y).item() == pytest.approx(first, abs=1e-6)
 

@@ -24,6 +24,7 @@ class Method(nn.Module):
         self.projector_kind = self.resolve(cfg, "projector")
         self.sigma = m.sigma
         self.label_smoothing = m.label_smoothing
+        self.bf16 = cfg.optim.precision == "bf16"
         trunk, feat_dim = build_trunk(cfg.model.trunk, in_channels, cfg.model.small_stem, cfg.model.width)
         self.net = GrafitNet(trunk, feat_dim, self.projector_kind, cfg.model.embed_dim, cfg.model.hidden_dim,
                              predictor=self.w_inst > 0, num_classes=num_classes if self.w_ce > 0 else 0)
@@ -52,16 +53,20 @@ class Method(nn.Module):
         return labels
 
     def training_step(self, views: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, memory):
-        """views: B x T x C x H x W. Returns (loss, {name: value}, normalised mean embedding per sample)."""
+        """views: B x T x C x H x W. Returns (loss, {name: value}, normalised mean embedding per sample).
+        optim.precision bf16: the networks run under autocast, the losses (the kNN loss's
+        log-sum-exps included) on their outputs cast back to fp32."""
         B, T = views.shape[:2]
-        out = (self._ddp if self._ddp is not None else self.net)(views.flatten(0, 1))
+        with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = (self._ddp if self._ddp is not None else self.net)(views.flatten(0, 1))
+            target = self.target(views.flatten(0, 1)) if self.w_inst > 0 else None
+        out = {k: v.float() for k, v in out.items()}
         z = out["z"].view(B, T, -1)
         parts = {}
         if self.w_knn > 0:   # L_knn on each of the T views, averaged
             parts["knn"] = sum(memory.knn_loss(z[:, t], labels, indices, self.sigma) for t in range(T)) / T
         if self.w_inst > 0:
-            preds = out["pred"].view(B, T, -1)
-            targets = self.target(views.flatten(0, 1)).view(B, T, -1)
+            preds, targets = out["pred"].view(B, T, -1), target.float().view(B, T, -1)
             parts["inst"] = instance_loss([preds[:, t] for t in range(T)], [targets[:, t] for t in range(T)])
         if self.w_ce > 0:
             parts["ce"] = ce_loss(out["logits"], labels.repeat_interleave(T), self.label_smoothing)
