@@ -52,6 +52,17 @@ def memory_files(directory: str) -> list[tuple[int, int, str]]:
     return sorted(out)
 
 
+def covers(directory: str, n: int) -> bool:
+    """Whether the memory files hold every row [0, n) (each rank uploads its own: a checkpoint read while
+    they arrive, or left by a node that died in between, may lack some)."""
+    end = 0
+    for start, stop, _ in memory_files(directory):
+        if start > end:
+            return False
+        end = max(end, stop)
+    return end >= n
+
+
 def load(directory: str, ctx, *, method, optimizer, memory: MemoryBank) -> dict:
     """Restore method, optimizer and this rank's memory rows; returns {epoch, step, history,
     fingerprint, partial}."""

@@ -156,8 +156,10 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str, verbose: bool = Fal
     tune_dir = os.path.join(storage_uri(storage_path), job.config.name)
     if "://" not in tune_dir and os.path.isdir(tune_dir):
         shutil.rmtree(tune_dir)                # Tune's state of an earlier driver: the trial keys resume, not it
+    # the trial driver only waits on its workers (no CPU); it sits on the head node, which outlives the
+    # worker nodes an elastic trial may lose (node:__internal_head__: the resource only the head has)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec),
-                                    {"CPU": 0, "memory": 1})   # the trial driver only waits on its workers
+                                    {"CPU": 0, "memory": 1, "node:__internal_head__": 0.001})
     # TPE is told the objective at each trial's end (the mean over its replicates); ASHA reads sw.metric per epoch
     limit = sw.max_concurrent if sw.search == "tpe" else None   # random: the seeded generator limits itself
     if not verbose:                           # Tune's reporter of old prints nothing at verbose 0; the new one

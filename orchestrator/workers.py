@@ -44,7 +44,7 @@ class WorkerSpec:
     threads: int = 1
     mlflow: Optional[MlflowTarget] = None
     on_step: Optional[Callable] = None        # on_step(epoch, step_in_epoch, rank): progress, fault injection
-    latest: Optional[str] = None              # the newest complete checkpoint of this name when the run started
+    run_dir: Optional[str] = None             # this run name's folder of checkpoints (local storage)
 
 
 def worker_loop(spec: WorkerSpec) -> dict:
@@ -70,12 +70,15 @@ def worker_loop(spec: WorkerSpec) -> dict:
                       group=group)
     train, test = prepare_data(cfg.data, spec.source)
     resume_dir, restored = None, ray.train.get_checkpoint()
-    if restored is not None:
+    # the newest complete checkpoint on disk may be newer than Ray Train's: one reported just before a
+    # node died (not registered yet), or before the driver was killed; never an older one
+    newest = latest_checkpoint(spec.run_dir, len(train)) if spec.run_dir else None
+    if newest and (restored is None or os.path.basename(newest) > os.path.basename(restored.path.rstrip("/"))):
+        resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
+        shutil.copytree(newest, resume_dir, dirs_exist_ok=True)
+    elif restored is not None:
         resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
         restored.to_directory(resume_dir)
-    elif spec.latest:                         # a driver killed before Ray Train recorded its last checkpoints
-        resume_dir = tempfile.mkdtemp(prefix="grafit_resume_")
-        shutil.copytree(spec.latest, resume_dir, dirs_exist_ok=True)
     run = spec.mlflow
     # records go through a journal and a sender thread: a tracking server that is down delays
     # them, never a training step (the driver replays what is left)
@@ -153,12 +156,19 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint Ray Train wrote under storage_path/name (local folders only)."""
+def latest_checkpoint(run_dir: str, rows: int | None = None) -> str | None:
+    """The newest complete checkpoint Ray Train wrote under storage_path/name (local folders only);
+    rows: the training set's size, when known, that every memory row be in it too."""
+    from grafit_core.checkpoint import covers
     if "://" in run_dir or not os.path.isdir(run_dir):
         return None
-    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_") and any(
-        os.path.exists(os.path.join(run_dir, d, f)) for f in ("train_state.pt", "finetune_state.pt")))
+
+    def complete(d):
+        if os.path.exists(os.path.join(run_dir, d, "finetune_state.pt")):
+            return True
+        return os.path.exists(os.path.join(run_dir, d, "train_state.pt")) and (
+            rows is None or covers(os.path.join(run_dir, d), rows))
+    found = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_") and complete(d))
     return os.path.join(run_dir, found[-1]) if found else None
 
 
@@ -199,14 +209,15 @@ def run_training(cfg: Config, *, task: str = "fit", workers, cpus_per_worker: fl
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    latest = latest_checkpoint(os.path.join(storage_uri(storage_path), name or cfg.name))
+    run_dir = os.path.join(storage_uri(storage_path), name or cfg.name)
+    latest = latest_checkpoint(run_dir)
     if task == "fit":                         # a pre-training checkpoint's config, before any cluster resource
         check_checkpoint(cfg, latest)
     check_resources(workers, cpus_per_worker, gpus_per_worker)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     spec = WorkerSpec(to_dict(cfg), cfg.source or "<config>", task, max(1, int(cpus_per_worker)), mlflow, on_step,
-                      latest)
+                      None if "://" in run_dir else run_dir)
     trainer = TorchTrainer(
         worker_loop, train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

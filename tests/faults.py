@@ -39,6 +39,7 @@ class StepLog:
     path: str
     wait_world: int = 0
     wait_epoch: int = 0
+    delay_s: float = 0.0                       # rank 0 sleeps this long before each step (a slow step)
 
     def __call__(self, epoch: int, step_in_epoch: int, rank: int) -> None:
         import time
@@ -49,3 +50,5 @@ class StepLog:
             f.write(f"{epoch} {step_in_epoch} {rank} {world}\n")
         if world == self.wait_world and epoch == self.wait_epoch:
             time.sleep(300)                    # the resize kills this process long before
+        if rank == 0:
+            time.sleep(self.delay_s)
