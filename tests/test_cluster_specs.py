@@ -69,7 +69,7 @@ def test_rayjob_manifest_runs_a_valid_grafit_command():
     assert args.command == "train" and args.ray_address == "auto"
     local = args.config.replace("/app/", ROOT + "/", 1)            # the image keeps the project in /app
     cfg = load_config(local)
-    assert cfg.optim.batch_size % args.workers == 0
+    assert all(cfg.optim.batch_size % w == 0 for w in args.workers.sizes)
     assert "MLFLOW_TRACKING_URI" in yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]
 
 
