@@ -30,7 +30,7 @@ from grafit_core.methods import Method, get_method
 from grafit_core.models import ema_tau
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}   # method.memory_dtype; None: torch's default (fp32)
 
 
 @dataclass

@@ -18,9 +18,10 @@ def knn_partials(z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
     Returns (lse_all, lse_same): over all rows j != indices[i], and over those with
     bank_labels[j] == labels[i]. Empty sets give -inf. No gradient flows into the bank.
     """
-    with torch.autocast(z.device.type, enabled=False):    # fp32 whatever the networks ran in (optim.precision)
-        bank = F.normalize(bank.detach().float(), dim=1)
-        logits = F.normalize(z.float(), dim=1) @ bank.t() / sigma            # (B, N)
+    dtype = torch.promote_types(z.dtype, torch.float32)   # at least fp32 whatever the networks ran in
+    with torch.autocast(z.device.type, enabled=False):    # (optim.precision bf16)
+        bank = F.normalize(bank.detach().to(dtype), dim=1)
+        logits = F.normalize(z.to(dtype), dim=1) @ bank.t() / sigma          # (B, N)
     local = indices - offset
     own = (local >= 0) & (local < bank.shape[0])
     keep = torch.ones_like(logits, dtype=torch.bool)

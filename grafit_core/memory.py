@@ -15,11 +15,12 @@ from grafit_core.losses import knn_loss, knn_partials, knn_terms
 
 class MemoryBank:
     def __init__(self, labels: torch.Tensor, dim: int, *, offset: int = 0, renormalize: bool = True,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         self.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
         self.offset = offset
         self.renormalize = renormalize
         self.bank = torch.zeros(len(self.labels), dim, device=device, dtype=dtype)   # bf16: stored, not computed in
+        self.compute_dtype = torch.promote_types(self.bank.dtype, torch.float32)
         self.filled = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
 
     def __len__(self) -> int:
@@ -29,7 +30,7 @@ class MemoryBank:
         """Rows of this block among `indices`, each once (a padded sampler may repeat an index)."""
         local = indices.to(self.bank.device) - self.offset
         mine = (local >= 0) & (local < len(self))
-        local, z = local[mine], z.detach().to(self.bank.device, torch.float32)[mine]
+        local, z = local[mine], z.detach().to(self.bank.device, self.compute_dtype)[mine]
         uniq, inverse = torch.unique(local, return_inverse=True)
         first = torch.full_like(uniq, len(local)).scatter_reduce(
             0, inverse, torch.arange(len(local), device=local.device), reduce="amin")
@@ -46,7 +47,7 @@ class MemoryBank:
     def update(self, indices: torch.Tensor, z: torch.Tensor) -> None:
         """m_i <- normalize((m_i + z_i) / 2) (SNCA); with renormalize=False the paper's literal (m_i + z_i) / 2."""
         rows, z = self._local(indices, z)
-        new = (self.bank[rows].float() + z) / 2                     # in fp32 whatever the bank's dtype
+        new = (self.bank[rows].to(z.dtype) + z) / 2                 # in fp32 (or wider) whatever the bank's dtype
         self.bank[rows] = (F.normalize(new, dim=1) if self.renormalize else new).to(self.bank.dtype)
 
     def is_full(self) -> bool:
@@ -85,7 +86,7 @@ class ShardedMemoryBank(MemoryBank):
     """
 
     def __init__(self, labels: torch.Tensor, dim: int, ctx, *, renormalize: bool = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype | None = None):
         labels = torch.as_tensor(labels, dtype=torch.long)
         self.num_rows = len(labels)
         start, stop = shard_bounds(self.num_rows, ctx.world_size, ctx.rank)
