@@ -27,7 +27,7 @@ RESULT = "trial.json"                         # the reports of a finished trial,
 # wide it runs, where its data lives, how long it waits for MLflow; never what is trained or where it is tracked
 RESUMABLE_CHANGES = ("name", "checkpoint.", "tracking.embeddings_max_mb", "tracking.log_checkpoint", "tracking.offline_wait_s",
                      "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker", "sweep.gpus_per_worker",
-                     "data.root", "data.num_workers", "data.options.cache_size")
+                     "data.root", "data.num_workers", "data.options.cache_size", "data.check_sample")
 
 
 def resumable_fields(data: dict) -> dict:

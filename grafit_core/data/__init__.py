@@ -61,9 +61,12 @@ def load_dataset(name: str, root: str | None, options: dict) -> tuple[Collection
 def prepare_data(data_cfg, source: str = "<config>") -> tuple[Collection, Collection]:
     """Load both collections and check every image up front (header, size, truncation), so a
     broken file is refused, or dropped by `check_images: skip`, before any training starts and
-    every worker then sees the same dataset. With data.unseen, the seen part of each (hold_out)."""
+    every worker then sees the same dataset. With data.check_sample only a seeded sample of each
+    collection is checked (at 10^8 images); a broken file outside it raises DataError when decoded.
+    With data.unseen, the seen part of each (hold_out)."""
     train, query = load_dataset(data_cfg.name, data_cfg.root, data_cfg.options)
-    train, query = train.check_images(data_cfg.check_images), query.check_images(data_cfg.check_images)
+    on_error, sample = data_cfg.check_images, data_cfg.check_sample
+    train, query = train.check_images(on_error, sample), query.check_images(on_error, sample)
     return hold_out(train, query, data_cfg.unseen, source) if data_cfg.unseen.active else (train, query)
 
 

@@ -126,6 +126,7 @@ class Collection:
     def image(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def check_images(self, on_error: str = "raise") -> "Collection":
-        """Cheap up-front check of every image; returns self (nothing to check by default)."""
+    def check_images(self, on_error: str = "raise", sample: Optional[int] = None) -> "Collection":
+        """Cheap up-front check of every image, or of a seeded sample of `sample` of them;
+        returns self (nothing to check by default)."""
         return self
