@@ -300,8 +300,9 @@ def fit(cfg: Config, train: Collection, query: Collection, ctx: DistContext = Di
     labels = torch.as_tensor(train.labels_at(level))
 
     def train_stage(name, stage_labels):
+        # this rank's block of the features only: gathering all N x d of them would not fit at scale
         m, tf, _, _ = train_method(cfg, train, stage_labels.numpy(), ctx, log=log, method_name=name)
-        return gather_rows(embed_sharded(m, train, cfg, ctx, tf)[0], len(train), ctx)
+        return embed_sharded(m, train, cfg, ctx, tf)[0], len(train), ctx
 
     labels = method_cls.prepare_labels(cfg, labels, train_stage)
     method, eval_tf, history, memory = train_method(cfg, train, labels.numpy(), ctx, on_epoch, log,

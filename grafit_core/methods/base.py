@@ -49,7 +49,10 @@ class Method(nn.Module):
 
     @classmethod
     def prepare_labels(cls, cfg, labels: torch.Tensor, train_stage) -> torch.Tensor:
-        """Labels the method trains on (ClusterFit+ replaces them with pseudo-labels)."""
+        """Labels the method trains on (ClusterFit+ replaces them with pseudo-labels): all N of them, on
+        every rank. `train_stage(name, labels)` trains method `name` on `labels` and returns
+        (features, n, ctx): this rank's shard_bounds(n, ctx.world_size, ctx.rank) block of the n training
+        images' embeddings, n, and the DistContext (every rank calls it; collectives go through ctx)."""
         return labels
 
     def training_step(self, views: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, memory):
