@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
+KNN_BLOCK_ELEMENTS = 2 ** 24   # (query, row) pairs held at once; beyond, the rows go in blocks (O(B x block) memory)
+
+
 def knn_partials(z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                  bank: torch.Tensor, bank_labels: torch.Tensor, sigma: float,
                  offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,17 +20,17 @@ def knn_partials(z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
     `bank` holds the global rows [offset, offset + len(bank)); `indices` are global.
     Returns (lse_all, lse_same): over all rows j != indices[i], and over those with
     bank_labels[j] == labels[i]. Empty sets give -inf. No gradient flows into the bank.
+    Beyond KNN_BLOCK_ELEMENTS pairs the rows are taken in blocks whose logits the backward recomputes
+    (one more product, but B x block instead of B x n activations: at 10^7 rows a worker, B x n does not fit).
     """
     dtype = torch.promote_types(z.dtype, torch.float32)   # at least fp32 whatever the networks ran in
-    with torch.autocast(z.device.type, enabled=False):    # (optim.precision bf16)
-        bank = F.normalize(bank.detach().to(dtype), dim=1)
-        logits = F.normalize(z.to(dtype), dim=1) @ bank.t() / sigma          # (B, N)
     local = indices - offset
-    own = (local >= 0) & (local < bank.shape[0])
-    keep = torch.ones_like(logits, dtype=torch.bool)
-    rows = torch.nonzero(own).squeeze(1)
-    keep[rows, local[rows]] = False                                         # j != i (eq. 2)
-    same = keep & (bank_labels.view(1, -1) == labels.view(-1, 1))
+    with torch.autocast(z.device.type, enabled=False):    # (optim.precision bf16)
+        zn = F.normalize(z.to(dtype), dim=1)
+        if len(z) * bank.shape[0] > KNN_BLOCK_ELEMENTS:
+            block = max(1, KNN_BLOCK_ELEMENTS // max(len(z), 1))
+            return _BlockwiseLSE.apply(zn, bank.detach(), labels, bank_labels, local, sigma, block)
+        logits, keep, same = _block_logits(zn, bank.detach(), labels, bank_labels, local, sigma, 0, bank.shape[0])
     neg_inf = torch.finfo(logits.dtype).min
     lse_all = torch.logsumexp(logits.masked_fill(~keep, neg_inf), dim=1)
     lse_same = torch.logsumexp(logits.masked_fill(~same, neg_inf), dim=1)
@@ -35,6 +38,50 @@ def knn_partials(z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
     lse_all = lse_all.masked_fill(~keep.any(1), float("-inf"))
     lse_same = lse_same.masked_fill(~same.any(1), float("-inf"))
     return lse_all, lse_same
+
+
+def _block_logits(zn, bank, labels, bank_labels, local, sigma, start, stop):
+    """Logits of the rows [start, stop) of the bank, the mask j != i and the mask of the same class."""
+    stop = min(stop, bank.shape[0])
+    m = F.normalize(bank[start:stop].to(zn.dtype), dim=1)
+    logits = zn @ m.t() / sigma                                              # (B, stop - start)
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    rows = torch.nonzero((local >= start) & (local < stop)).squeeze(1)
+    keep[rows, local[rows] - start] = False                                  # j != i (eq. 2)
+    same = keep & (bank_labels[start:stop].view(1, -1) == labels.view(-1, 1))
+    return logits, keep, same
+
+
+class _BlockwiseLSE(torch.autograd.Function):
+    """knn_partials block by block: the forward keeps running log-sum-exps, the backward recomputes
+    each block's logits; only zn and the two (B,) results are saved."""
+
+    @staticmethod
+    def forward(ctx, zn, bank, labels, bank_labels, local, sigma, block):
+        lse = zn.new_full((2, len(zn)), float("-inf"))
+        for start in range(0, bank.shape[0], block):
+            logits, keep, same = _block_logits(zn, bank, labels, bank_labels, local, sigma, start, start + block)
+            part = torch.stack([logits.masked_fill(~keep, float("-inf")).logsumexp(1),
+                                logits.masked_fill(~same, float("-inf")).logsumexp(1)])
+            lse = torch.logaddexp(lse, part)                                 # an empty set stays -inf
+        ctx.save_for_backward(zn, bank, labels, bank_labels, local, lse)
+        ctx.sigma, ctx.block = sigma, block
+        return lse[0], lse[1]
+
+    @staticmethod
+    def backward(ctx, g_all, g_same):
+        zn, bank, labels, bank_labels, local, lse = ctx.saved_tensors
+        finite = torch.isfinite(lse)
+        g = torch.where(finite, torch.stack([g_all, g_same]), 0.0)          # an empty set: no gradient
+        lse = torch.where(finite, lse, 0.0)
+        grad = torch.zeros_like(zn)
+        for start in range(0, bank.shape[0], ctx.block):
+            logits, keep, same = _block_logits(zn, bank, labels, bank_labels, local, ctx.sigma, start,
+                                               start + ctx.block)
+            w = ((logits - lse[0, :, None]).exp().masked_fill(~keep, 0) * g[0, :, None]
+                 + (logits - lse[1, :, None]).exp().masked_fill(~same, 0) * g[1, :, None])
+            grad += w @ F.normalize(bank[start:start + ctx.block].to(zn.dtype), dim=1) / ctx.sigma
+        return grad, None, None, None, None, None, None
 
 
 def knn_terms(lse_all: torch.Tensor, lse_same: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

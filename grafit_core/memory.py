@@ -16,7 +16,10 @@ from grafit_core.losses import knn_loss, knn_partials, knn_terms
 class MemoryBank:
     def __init__(self, labels: torch.Tensor, dim: int, *, offset: int = 0, renormalize: bool = True,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-        self.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, device=device)
+        # int32 where the ids fit (4 bytes a row at 10^8 rows), and a copy: a view would keep the caller's whole array
+        fits = len(labels) == 0 or int(labels.max()) < 2 ** 31
+        self.labels = labels.to(torch.int32 if fits else torch.long, copy=True)
         self.offset = offset
         self.renormalize = renormalize
         self.bank = torch.zeros(len(self.labels), dim, device=device, dtype=dtype)   # bf16: stored, not computed in
@@ -87,7 +90,7 @@ class ShardedMemoryBank(MemoryBank):
 
     def __init__(self, labels: torch.Tensor, dim: int, ctx, *, renormalize: bool = True,
                  dtype: torch.dtype | None = None):
-        labels = torch.as_tensor(labels, dtype=torch.long)
+        labels = torch.as_tensor(labels)
         self.num_rows = len(labels)
         start, stop = shard_bounds(self.num_rows, ctx.world_size, ctx.rank)
         super().__init__(labels[start:stop], dim, offset=start, renormalize=renormalize, device=ctx.device,
