@@ -6,11 +6,15 @@
 #   cluster/local.sh start [WORKERS]   # default 1 worker node
 #   cluster/local.sh env               # the exports a shell needs to talk to it (eval "$(...)")
 #   cluster/local.sh status
-#   cluster/local.sh stop              # ray stop --force: stops EVERY Ray node of this machine
+#   cluster/local.sh kill-node I       # SIGKILL worker node I as a crash would: its raylet, agents and
+#                                      # every process they started (a lost node, for fault tests)
+#   cluster/local.sh stop              # stops this cluster's nodes (other Rays of the machine keep running)
 #
 # Settings (environment): GRAFIT_CLUSTER_DIR (state: node temp dirs, token, storage; default
-# runs/cluster), RAY_PORT (GCS, 6379), DASHBOARD_PORT (8265), HEAD_CPUS / WORKER_CPUS (default: the
-# cores split evenly over the nodes: logical CPUs of nodes on one machine add up), DASHBOARD_HOST
+# runs/cluster), RAY_PORT (GCS, 6379), DASHBOARD_PORT (8265), AGENT_PORT (52365: node I's dashboard
+# agent, which runs submitted jobs, listens on AGENT_PORT + I, so that another Ray of the machine does
+# not hold it), HEAD_CPUS / WORKER_CPUS (default: the cores split evenly over the nodes: logical CPUs of
+# nodes on one machine add up), DASHBOARD_HOST
 # (127.0.0.1; anything else exposes the job server, which runs arbitrary code, to the network).
 # The nodes start with MLFLOW_TRACKING_URI (default http://127.0.0.1:$MLFLOW_PORT, the server of
 # cluster/mlflow_server.sh) and GRAFIT_STORAGE ($GRAFIT_CLUSTER_DIR/storage): every job inherits
@@ -22,6 +26,7 @@ STATE="$(realpath -m "${GRAFIT_CLUSTER_DIR:-$ROOT/runs/cluster}")"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 DASHBOARD_HOST="${DASHBOARD_HOST:-127.0.0.1}"
+AGENT_PORT="${AGENT_PORT:-52365}"
 # jobs run with the `python` of whoever started the nodes: start them inside the project's venv
 if [[ -z "${VIRTUAL_ENV:-}" && -x "$ROOT/.venv/bin/ray" ]]; then
   export PATH="$ROOT/.venv/bin:$PATH" VIRTUAL_ENV="$ROOT/.venv"
@@ -59,28 +64,61 @@ start() {
   local tmp; tmp="$(mktemp -d /tmp/grafit-ray-XXXXXX)"; echo "$tmp" > "$STATE/temp_root"
   echo "head: $head_cpus CPUs, GCS :$RAY_PORT, dashboard http://$DASHBOARD_HOST:$DASHBOARD_PORT (temp $tmp/n0)"
   ray start --head --port="$RAY_PORT" --num-cpus="$head_cpus" --num-gpus=0 \
-    --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$DASHBOARD_PORT" \
+    --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$DASHBOARD_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
     --temp-dir="$tmp/n0" --disable-usage-stats >"$STATE/head.log" 2>&1 \
     || { cat "$STATE/head.log"; exit 1; }
   for i in $(seq 1 "$workers"); do
     echo "worker node $i: $worker_cpus CPUs (temp $tmp/n$i)"
     ray start --address="127.0.0.1:$RAY_PORT" --num-cpus="$worker_cpus" --num-gpus=0 \
+      --dashboard-agent-listen-port="$((AGENT_PORT + i))" \
       --temp-dir="$tmp/n$i" --disable-usage-stats >"$STATE/worker$i.log" 2>&1 \
       || { cat "$STATE/worker$i.log"; exit 1; }
   done
   print_env
 }
 
-stop() {
-  ray stop --force >/dev/null 2>&1 || true
-  if [[ -f "$STATE/temp_root" ]]; then rm -rf "$(cat "$STATE/temp_root")" "$STATE/temp_root"; fi
+node_pids() {  # node_pids PATTERN: the processes naming PATTERN and every process they started
+  local pids frontier
+  pids="$(pgrep -f -- "$1" | tr '\n' ' ' || true)"
+  frontier="$pids"
+  # workers the raylet forks rename themselves (ray::...): they are found as descendants
+  while [[ -n "${frontier// /}" ]]; do
+    frontier="$(pgrep -P "$(echo $frontier | tr ' ' ',')" | tr '\n' ' ' || true)"
+    pids="$pids $frontier"
+  done
+  echo $pids
+}
+
+kill_node() {
+  local i="${1:?usage: cluster/local.sh kill-node I (a worker node, 1..N)}" pids
+  [[ "$i" =~ ^[1-9][0-9]*$ ]] || { echo "kill-node: $i is not a worker node number (1..N)" >&2; exit 2; }
+  [[ -f "$STATE/temp_root" ]] || { echo "kill-node: no cluster started from $STATE" >&2; exit 2; }
+  pids="$(node_pids "$(cat "$STATE/temp_root")/n$i/")"
+  [[ -n "$pids" ]] || { echo "kill-node: worker node $i has no process" >&2; exit 1; }
+  kill -9 $pids 2>/dev/null || true
+  echo "worker node $i killed: $(echo $pids | wc -w) processes (SIGKILL)"
+}
+
+stop() {  # this cluster's nodes only (their temp dirs), not other Rays of the machine
+  local tmp pids
+  if [[ -f "$STATE/temp_root" ]]; then
+    tmp="$(cat "$STATE/temp_root")"
+    pids="$(node_pids "$tmp/n")"
+    if [[ -n "$pids" ]]; then
+      kill $pids 2>/dev/null || true
+      for _ in $(seq 20); do sleep 0.5; pgrep -f -- "$tmp/n" >/dev/null || break; done
+      kill -9 $pids $(node_pids "$tmp/n") 2>/dev/null || true
+    fi
+    rm -rf "$tmp" "$STATE/temp_root"
+  fi
   echo "stopped"
 }
 
 case "${1:-}" in
   start) start "${2:-1}" ;;
+  kill-node) kill_node "${2:-}" ;;
   stop) stop ;;
   status) ray status --address="127.0.0.1:$RAY_PORT" ;;
   env) print_env ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

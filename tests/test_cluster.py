@@ -1,19 +1,24 @@
 """A real cluster on this machine: `cluster/local.sh` (head + 1 worker node, 1 CPU each, token
-authentication) and `cluster/mlflow_server.sh` (a real MLflow server), then `grafit submit`.
+authentication) and `cluster/mlflow_server.sh` (a real MLflow server), then `grafit submit` and Ray's
+own `ray job submit`. The last test kills the worker node (`local.sh kill-node 1`: its raylet and every
+process of the node, SIGKILL): an elastic run finishes on the head.
 
-Teardown runs `ray stop --force`, which stops every Ray node of the machine: this module must not
-share the machine with another Ray that should survive (test modules that use Ray start their own).
+Teardown stops this cluster's nodes only (`local.sh stop`); other Rays of the machine keep running.
 """
+import glob
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
 import pytest
+import torch
 import yaml
 
 from orchestrator.tracking import CREDENTIALS, use_credentials
@@ -32,7 +37,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
-    ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port()}
+    ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port(),
+             "AGENT_PORT": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_"))}
     env.update({k: str(v) for k, v in ports.items()})
     env.update(GRAFIT_CLUSTER_DIR=str(state / "ray"), GRAFIT_MLFLOW_DIR=str(state / "mlflow"), HEAD_CPUS="1",
@@ -161,25 +167,12 @@ def ray_cli_env(cluster):
     return {**cluster["env"], "RAY_AUTH_MODE": "token", "RAY_ADDRESS": cluster["url"]}
 
 
-def ray_job_submit(cluster, command, env_vars=None):
+def ray_job_submit(cluster, command, env_vars=None, wait=True):
     runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    return subprocess.run([ray, "job", "submit", "--working-dir", ROOT, *runtime_env, "--", *command],
+    return subprocess.run([ray, "job", "submit", *([] if wait else ["--no-wait"]), "--working-dir", ROOT,
+                           *runtime_env, "--", *command],
                           cwd=ROOT, env=ray_cli_env(cluster), capture_output=True, text=True, timeout=420)
-
-
-def test_ray_job_submit_records_into_the_clusters_mlflow_and_storage(cluster):
-    # Ray's own CLI, not grafit submit: the nodes' MLFLOW_TRACKING_URI and GRAFIT_STORAGE (cluster/local.sh)
-    from mlflow import MlflowClient
-    p = ray_job_submit(cluster, ["grafit", "train", "jobs/smoke.yaml", "--workers", "2", "--name", "ray-cli"],
-                       {"OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
-    client = MlflowClient(cluster["mlflow"])
-    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
-                                filter_string="attributes.run_name = 'ray-cli'")
-    assert run.info.status == "FINISHED" and {"knn_top1/l2", "map_cosine/l2"} <= run.data.metrics.keys()
-    assert run.data.tags["ray.node_id.rank0"] != run.data.tags["ray.node_id.rank1"]      # both nodes
-    assert any(d.startswith("checkpoint_") for d in os.listdir(cluster["state"] / "ray" / "storage" / "ray-cli"))
 
 
 def test_ray_job_submit_without_the_clusters_settings_is_refused_having_trained_nothing(cluster):
@@ -231,3 +224,69 @@ def test_the_mlflow_server_answers_only_with_its_credentials(cluster, tmp_path):
     assert p.returncode == 2 and time.time() - start < 60, p.stderr
     assert p.stderr.startswith("grafit: error: MLflow tracking server") and f"{CREDENTIALS}" in p.stderr, p.stderr
     assert "(HTTP 401)" in p.stderr and not (tmp_path / "runs").exists()
+
+
+def progress_of(run_dir) -> dict:
+    """{(epochs done, batches of the next): checkpoint folder} of the complete checkpoints in run_dir."""
+    found = {}
+    for path in glob.glob(os.path.join(run_dir, "checkpoint_*", "train_state.pt")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:                       # being written or deleted (Ray keeps the 2 newest)
+            continue
+        found[state["epoch"], (state["partial"] or {}).get("batches", 0)] = os.path.dirname(path)
+    return found
+
+
+def test_a_lost_worker_node_the_run_finishes_on_the_head(cluster, tmp_path):
+    # LAST in this module: the worker node does not come back. Ray's own CLI (`ray job submit`): the driver
+    # and the Train controller sit on the head; the nodes' MLFLOW_TRACKING_URI and GRAFIT_STORAGE record it.
+    from mlflow import MlflowClient
+    train = ["grafit", "train", "jobs/smoke.yaml", "--set", "optim.epochs=3", "--set", "checkpoint.every_steps=1"]
+    p = ray_job_submit(cluster, [*train, "--workers", "1-2", "--name", "lost-node"], {"OMP_NUM_THREADS": "1"},
+                       wait=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", p.stdout + p.stderr).group(0)
+    run_dir = cluster["state"] / "ray" / "storage" / "lost-node"
+    deadline = time.time() + 400                 # in the middle of epoch 2 (15 batches an epoch)
+    while not any(e == 1 and b >= 3 for e, b in progress_of(run_dir)):
+        assert time.time() < deadline, "epoch 2 never started"
+        time.sleep(0.1)
+    kill = subprocess.run([os.path.join(ROOT, "cluster", "local.sh"), "kill-node", "1"], env=cluster["env"],
+                          capture_output=True, text=True, timeout=60)
+    assert kill.returncode == 0 and "killed" in kill.stdout, kill.stdout + kill.stderr
+    snapshot = {k: shutil.copytree(d, tmp_path / "snapshot" / os.path.basename(d))
+                for k, d in progress_of(run_dir).items()}      # the checkpoints the survivor may resume from
+    status = ""
+    while status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.time() < deadline + 300, f"job {job_id} still {status}"
+        time.sleep(2)
+        _, job = api(cluster, f"/api/jobs/{job_id}", cluster["token"])
+        status = job["status"]
+    assert status == "SUCCEEDED", job
+
+    client = MlflowClient(cluster["mlflow"])
+    experiment = client.get_experiment_by_name("smoke").experiment_id
+    (run,) = client.search_runs([experiment], filter_string=f"tags.`grafit.storage` = '{run_dir}'")
+    tags = run.data.tags
+    assert run.info.status == "FINISHED" and tags["ray.world_size"] == "1"
+    first = tags["ray.start.epoch0.batch0"]
+    assert first.startswith("2 workers: ") and len(set(first[len("2 workers: "):].split(","))) == 2  # both nodes
+    (restart, value), = [(k, v) for k, v in tags.items() if k.startswith("ray.start.")
+                         and k != "ray.start.epoch0.batch0"]
+    done, batches = map(int, re.fullmatch(r"ray\.start\.epoch(\d+)\.batch(\d+)", restart).groups())
+    assert (done, batches >= 3) == (1, True) and value.startswith("1 workers: ")   # inside epoch 2, on the head
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size")] == [(0, 2), (1, 1)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]   # each epoch once
+
+    # the reference: --workers 1 resumed from the same checkpoint, on the head alone
+    ref_dir = tmp_path / "ref" / "lost-node"
+    shutil.copytree(snapshot[done, batches], ref_dir / os.path.basename(snapshot[done, batches]))
+    p = ray_job_submit(cluster, [*train, "--workers", "1", "--name", "lost-node", "--storage-path",
+                                 str(tmp_path / "ref")], {"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    (ref,) = client.search_runs([experiment], filter_string=f"tags.`grafit.storage` = '{ref_dir}'")
+    timing = ("epoch_time_s", "images_per_s")
+    assert {k: v for k, v in run.data.metrics.items() if k not in timing} == \
+        {k: v for k, v in ref.data.metrics.items() if k not in timing}
+    assert {"knn_top1/l2", "map_cosine/l2"} <= run.data.metrics.keys()
