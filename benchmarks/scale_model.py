@@ -11,12 +11,15 @@ levels a worker keeps (the training level and the test levels), p the mean relat
            + the epoch's permutation N.8 (GlobalBatches)
   step     the kNN loss's activations: B.min(n, chunk).A bytes (A: logits, masks and the masked log-sum-exp
            inputs autograd keeps; knn_partials works in blocks of rows beyond KNN_BLOCK_ELEMENTS)
-  bytes    collective buffers a rank receives per step: all-gathers of z (B.d.4), labels and indices
+  bytes    collective buffer bytes per rank per step (a ring all-reduce moves ~2x its buffer):
+           all-gathers of z (B.d.4), labels and indices
            (B.16), the partial log-sum-exps (W.2.B.4); backward: their all-reduces (W.2.B.4 + B.d.4); the
            non-finite flag (4); the memory update's all-gathers (B.8 + B.d.4); DDP's gradients (P.4)
   flops    kNN loss forward + backward: 4.B.n.d (6.B.n.d in blocks: the backward recomputes the logits)
-  eval     one pass: 2.Q.n.d flops per rank; the queries (Q.d.4) and the top-k candidates
-           (W.Q.k.(4 + 8 + 8.L)) gathered
+  eval     one pass: 2.Q.n.d flops per rank; bytes: the queries (Q.d.4), the top-k candidates
+           (W.Q.k.(4 + 8 + 8.L)) and, for each (ranking, level), exact AP's relevant scores and counts
+           all-reduced (Q.R.(4 + 8), R = N / classes: what exact AP over a sharded collection needs)
+           and the per-shard counts gathered (W.Q.8)
 --validate builds the state at small N and compares bytes exactly, runs training steps in W real gloo
 processes counting every collective's buffer (exact), measures the kNN step's peak RSS growth (within
 2x of the activation formula) and fits one FLOP rate to step times (each point within 2x of it).
@@ -79,23 +82,34 @@ def before_bytes(B, N, W, d, p):
     return B * n * ACT_BYTES, N * (p + 20 + 57), N * d * 4
 
 
-def eval_cost(Q, N, W, d, k, L):
-    n = -(-N // W)
-    return 2 * Q * n * d, Q * d * 4 + W * Q * k * (4 + 8 + 8 * L)
+def eval_pass_bytes(Q, N, W, k, classes, rankings):
+    """The one pass's collectives (metrics.evaluate_pass): the shards' layout, the top-k candidates of
+    every level, then per (ranking, level) exact AP's per-shard counts, thresholds and counts at or above."""
+    ap = rankings * sum(Q * (N / c) * 12 + W * Q * 8 for c in classes)
+    return W * 16 + W * Q * k * (4 + 8 + 8 * len(classes)) + ap
+
+
+def eval_cost(Q, N, W, d, k, classes, rankings):
+    """(FLOPs, bytes) of one evaluation per rank: the pass's product, the queries gathered + the pass."""
+    return 2 * Q * -(-N // W) * d, Q * d * 4 + eval_pass_bytes(Q, N, W, k, classes, rankings)
 
 
 # ---------------------------------------------------------------- measurements (--validate)
 def measured_state(N, W, d, L, p):
     """The objects a worker builds, their bytes: rank 0's memory shard, L label arrays, a path index."""
+    from grafit_core.data.hierarchy import build_hierarchy
     from grafit_core.data.images import PathIndex
     from grafit_core.data.views import GlobalBatches
     labels = torch.randint(0, 1000, (N,))
     memory = ShardedMemoryBank(labels, d, DistContext(rank=0, world_size=W))
     names = [f"/data/set/{i % 97:0{p - 8}d}/{i:07d}" for i in range(N)]   # relative part: p characters
     assert all(len(s) - len("/data/set/") == p for s in names[:3])
-    collection_labels = [np.zeros(N, dtype=np.int64) for _ in range(L)]
+    # the label arrays as every loader builds them: one class name per sample and level, coarse -> fine
+    _, collection_labels = build_hierarchy([f"l{j}" for j in range(L)],
+                                           [[f"c{i % 10 ** j}" for j in range(1, L + 1)] for i in range(N)])
     return {"bank": memory.bank.nbytes, "bank labels": memory.labels.nbytes, "filled": memory.filled.nbytes,
-            "labels": sum(a.nbytes for a in collection_labels), "paths": PathIndex(names).nbytes - len("/data/set/"),
+            "labels": sum(a.nbytes for a in collection_labels.values()),
+            "paths": PathIndex(names).nbytes - len("/data/set/"),
             "permutation": GlobalBatches(N, 8, 1, 0, 0).permutation().nbytes}
 
 
@@ -124,6 +138,26 @@ def counted_step(ctx, n, d, batch, in_dim):
     loss.backward()
     memory.update(idx, z.detach())
     return sum(moved), params
+
+
+def counted_eval(ctx, n, q, d, k, classes):
+    """The collectives' bytes of one evaluation pass over balanced classes (every R = n / c), counted."""
+    import torch.distributed as dist
+    from grafit_core.memory import shard_bounds
+    from grafit_core.metrics import Ranking, evaluate_pass
+    moved = []
+    gather, reduce = dist.all_gather, dist.all_reduce
+    dist.all_gather = lambda out, t, *a, **kw: (moved.append(t.numel() * t.element_size() * len(out)),
+                                                gather(out, t, *a, **kw))[1]
+    dist.all_reduce = lambda t, *a, **kw: (moved.append(t.numel() * t.element_size()), reduce(t, *a, **kw))[1]
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(n, d, generator=g), torch.randn(q, d, generator=g)
+    lo, hi = shard_bounds(n, ctx.world_size, ctx.rank)
+    levels = {f"l{i}": c for i, c in enumerate(classes)}
+    evaluate_pass(queries, bank[lo:hi], lo, {lv: torch.arange(lo, hi) % c for lv, c in levels.items()},
+                  {lv: torch.arange(q) % c for lv, c in levels.items()}, levels, ctx,
+                  votes={(lv, k, 0.05) for lv in levels}, ap_levels=list(levels), rankings={"cosine": Ranking()})
+    return sum(moved)
 
 
 def peak_child(batch, n, d):
@@ -178,6 +212,12 @@ def validate(args):
         want = step_comm_bytes(batch, args.dim, W, params)
         ok &= moved == want and len({m for m, _ in got}) == 1
         print(f"  n={n} W={W} B={batch} P={params}: measured {moved}, formula {want}")
+    print("collective bytes of one evaluation pass (kNN at every level, exact mAP), W gloo processes (exactly):")
+    for n, W, q, classes in ((6_000, 2, 200, (10, 3)), (6_000, 3, 150, (20, 4, 2))):
+        got = run_gloo(counted_eval, W, n, q, 16, 5, classes)
+        want = eval_pass_bytes(q, n, W, 5, classes, 1)
+        ok &= len(set(got)) == 1 and got[0] == want
+        print(f"  n={n} W={W} Q={q} classes={classes}: measured {got[0]}, formula {want:.0f}")
     print(f"kNN loss peak memory, one process (formula B.min(n, block).{ACT_BYTES} vs peak RSS growth; within 2x):")
     for batch, n in ((256, 40_000), (512, 60_000), (2048, 80_000)):
         got, want = measured_peak(batch, n, args.dim), step_activation_bytes(batch, n, 1)
@@ -211,7 +251,8 @@ def first_limit(device, host, secs, args):
 
 def table(args):
     print(f"d={args.dim}, global batch {args.batch}, L={args.levels} label levels, paths {args.path_bytes} B, "
-          f"P={args.params / 1e6:.1f}M parameters, bank {args.bank_bytes} B/value, Q={args.queries}, k={args.k}; "
+          f"P={args.params / 1e6:.1f}M parameters, bank {args.bank_bytes} B/value, Q={args.queries}, k={args.k}, "
+          f"classes {args.classes}, {args.rankings} rankings; "
           f"limits per worker: {args.host_gib:g} GiB host RAM, {args.device_gib:g} GiB accelerator memory, "
           f"{args.step_budget_s:g} s of kNN loss per step at {args.tflops:g} TFLOP/s")
     print(f"{'N':>7s} {'W':>4s} {'bank GiB':>8s} {'host GiB':>8s} {'kNN act GiB':>11s} {'MB/step':>8s} "
@@ -223,7 +264,7 @@ def table(args):
             act = step_activation_bytes(args.batch, N, W)
             device, host = s["bank"] + s["bank labels"] + s["filled"] + act, s["labels"] + s["paths"] + s["permutation"]
             flops = step_flops(args.batch, N, W, args.dim)
-            e_flops, e_bytes = eval_cost(args.queries, N, W, args.dim, args.k, args.levels)
+            e_flops, e_bytes = eval_cost(args.queries, N, W, args.dim, args.k, args.classes, args.rankings)
             old_act, old_paths, gather = before_bytes(args.batch, N, W, args.dim, args.path_bytes)
             now = first_limit(device, host, flops / (args.tflops * 1e12), args)
             before = first_limit(device - act + old_act, host - s["paths"] + old_paths + gather,
@@ -241,7 +282,9 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 32, 128, 512], help="world sizes W")
     parser.add_argument("--dim", type=int, default=128, help="embedding size d")
     parser.add_argument("--batch", type=int, default=4096, help="global batch B")
-    parser.add_argument("--levels", type=int, default=2, help="label levels each worker keeps (L)")
+    parser.add_argument("--classes", type=int, nargs="+", default=[1000, 127],
+                        help="classes of each test level (ImageNet: 1000 fine, 127 coarse); L = their number")
+    parser.add_argument("--rankings", type=int, default=3, help="mAP rankings per level (cosine, cond, oracle)")
     parser.add_argument("--path-bytes", type=int, default=40, help="mean relative image path length p")
     parser.add_argument("--params", type=float, default=25.6e6, help="network parameters P (ResNet-50: 25.6M)")
     parser.add_argument("--bank-bytes", type=int, default=4, choices=[2, 4], help="bytes per memory value (bf16: 2)")
@@ -253,7 +296,7 @@ def main():
     parser.add_argument("--tflops", type=float, default=100, help="sustained kNN matrix-product rate per worker")
     parser.add_argument("--step-budget-s", type=float, default=1.0, help="kNN seconds per step still acceptable")
     args = parser.parse_args()
-    args.sizes = [int(n) for n in args.sizes]
+    args.sizes, args.levels = [int(n) for n in args.sizes], len(args.classes)
     if args.validate and not validate(args):
         sys.exit(1)
     table(args)

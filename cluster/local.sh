@@ -55,6 +55,9 @@ start() {
   nodes=$((workers + 1)); cores="$(nproc)"
   local share=$((cores / nodes)); ((share >= 1)) || share=1
   local head_cpus="${HEAD_CPUS:-$share}" worker_cpus="${WORKER_CPUS:-$share}"
+  if [[ -n "$(temp_root)" && -n "$(node_pids "$(temp_root)/n")" ]]; then
+    echo "start: a cluster of $STATE is running (temp $(temp_root)): cluster/local.sh stop first" >&2; exit 2
+  fi
   mkdir -p "$STATE/storage"
   [[ "$GRAFIT_STORAGE" == *://* ]] || mkdir -p "$GRAFIT_STORAGE"
   if [[ "$RAY_AUTH_MODE" == token && ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
@@ -77,6 +80,12 @@ start() {
   print_env
 }
 
+temp_root() {  # this cluster's node temp root, only if it is one that start made (never a bare pattern)
+  local tmp
+  tmp="$(cat "$STATE/temp_root" 2>/dev/null || true)"
+  if [[ "$tmp" =~ ^/tmp/grafit-ray-[A-Za-z0-9]{6}$ ]]; then echo "$tmp"; fi
+}
+
 node_pids() {  # node_pids PATTERN: the processes naming PATTERN and every process they started
   local pids frontier
   pids="$(pgrep -f -- "$1" | tr '\n' ' ' || true)"
@@ -92,8 +101,8 @@ node_pids() {  # node_pids PATTERN: the processes naming PATTERN and every proce
 kill_node() {
   local i="${1:?usage: cluster/local.sh kill-node I (a worker node, 1..N)}" pids
   [[ "$i" =~ ^[1-9][0-9]*$ ]] || { echo "kill-node: $i is not a worker node number (1..N)" >&2; exit 2; }
-  [[ -f "$STATE/temp_root" ]] || { echo "kill-node: no cluster started from $STATE" >&2; exit 2; }
-  pids="$(node_pids "$(cat "$STATE/temp_root")/n$i/")"
+  [[ -n "$(temp_root)" ]] || { echo "kill-node: no cluster started from $STATE" >&2; exit 2; }
+  pids="$(node_pids "$(temp_root)/n$i/")"
   [[ -n "$pids" ]] || { echo "kill-node: worker node $i has no process" >&2; exit 1; }
   kill -9 $pids 2>/dev/null || true
   echo "worker node $i killed: $(echo $pids | wc -w) processes (SIGKILL)"
@@ -101,16 +110,18 @@ kill_node() {
 
 stop() {  # this cluster's nodes only (their temp dirs), not other Rays of the machine
   local tmp pids
-  if [[ -f "$STATE/temp_root" ]]; then
-    tmp="$(cat "$STATE/temp_root")"
+  tmp="$(temp_root)"
+  if [[ -n "$tmp" ]]; then
     pids="$(node_pids "$tmp/n")"
     if [[ -n "$pids" ]]; then
       kill $pids 2>/dev/null || true
       for _ in $(seq 20); do sleep 0.5; pgrep -f -- "$tmp/n" >/dev/null || break; done
-      kill -9 $pids $(node_pids "$tmp/n") 2>/dev/null || true
+      pids="$(node_pids "$tmp/n")"      # what is left now (a pid collected before may be reused)
+      [[ -z "$pids" ]] || kill -9 $pids 2>/dev/null || true
     fi
-    rm -rf "$tmp" "$STATE/temp_root"
+    rm -rf "$tmp"
   fi
+  rm -f "$STATE/temp_root"
   echo "stopped"
 }
 

@@ -44,8 +44,7 @@ class DataConfig:
     image_size: int = 32
     num_views: int = 2                        # T of eq. 1
     check_images: Literal["raise", "skip"] = "raise"   # what the up-front image check does
-    check_sample: Optional[int] = None        # check a seeded sample of this many images per collection
-                                              # (null: every image); a broken one outside it fails when decoded
+    check_sample: Optional[int] = None        # a seeded sample of this many images per collection (null: all)
     num_workers: int = 0                      # DataLoader worker processes
     unseen: UnseenConfig = field(default_factory=UnseenConfig)   # coarse classes never trained on
 
@@ -238,10 +237,8 @@ def validate(cfg: Config) -> Config:
         bad("data.unseen.fraction", f"must be in [0, 1), got {d.unseen.fraction}")
     if d.check_sample is not None and d.check_sample < 1:
         bad("data.check_sample", f"must be >= 1 (null: check every image), got {d.check_sample}")
-    if d.check_sample is not None and d.check_images == "skip":
-        # dropping bad images needs all of them found; with a sample the others would stay in silently
-        bad("data.check_sample", "data.check_images: skip needs every image checked; "
-                                 "remove data.check_sample or use check_images: raise")
+    if d.check_sample is not None and d.check_images == "skip":   # a sample would leave bad ones in silently
+        bad("data.check_sample", "data.check_images: skip needs every image checked; remove data.check_sample")
     for key, value, low in (("optim.epochs", o.epochs, 1), ("optim.batch_size", o.batch_size, 2),
                             ("data.num_views", d.num_views, 1), ("data.image_size", d.image_size, 8),
                             ("model.embed_dim", cfg.model.embed_dim, 1), ("eval.val_size", e.val_size, 1)):
@@ -349,8 +346,8 @@ def to_dict(cfg: Config) -> dict:
 # What a checkpoint's config may differ in and still be resumed: more epochs, evaluation-only
 # values, names, tracking, where the data lives and how it is read (never what is trained).
 # (sweep., matrix., tracking.: sections that checkpoints written before orchestrator/job.py held)
-FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "checkpoint.", "sweep.", "matrix.", "tracking.", "finetune.",
-                       "data.root", "data.num_workers", "data.options.cache_size", "data.test_levels",
+FINGERPRINT_IGNORES = ("name", "source", "optim.epochs", "eval.", "checkpoint.", "sweep.", "matrix.", "tracking.",
+                       "finetune.", "data.root", "data.num_workers", "data.options.cache_size", "data.test_levels",
                        "data.check_sample")
 
 
@@ -365,8 +362,7 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# keys added since configs were stored, at their default
-LATER_DEFAULTS = {"optim.precision": "fp32", "method.memory_dtype": "fp32", "data.check_sample": None}
+LATER_DEFAULTS = {"optim.precision": "fp32", "method.memory_dtype": "fp32", "data.check_sample": None}  # added later
 
 
 def flat_config(cfg_dict: dict) -> dict:

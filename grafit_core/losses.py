@@ -75,12 +75,13 @@ class _BlockwiseLSE(torch.autograd.Function):
         g = torch.where(finite, torch.stack([g_all, g_same]), 0.0)          # an empty set: no gradient
         lse = torch.where(finite, lse, 0.0)
         grad = torch.zeros_like(zn)
-        for start in range(0, bank.shape[0], ctx.block):
-            logits, keep, same = _block_logits(zn, bank, labels, bank_labels, local, ctx.sigma, start,
-                                               start + ctx.block)
-            w = ((logits - lse[0, :, None]).exp().masked_fill(~keep, 0) * g[0, :, None]
-                 + (logits - lse[1, :, None]).exp().masked_fill(~same, 0) * g[1, :, None])
-            grad += w @ F.normalize(bank[start:start + ctx.block].to(zn.dtype), dim=1) / ctx.sigma
+        with torch.autocast(zn.device.type, enabled=False):   # as the forward, whoever calls backward()
+            for start in range(0, bank.shape[0], ctx.block):
+                logits, keep, same = _block_logits(zn, bank, labels, bank_labels, local, ctx.sigma, start,
+                                                   start + ctx.block)
+                w = ((logits - lse[0, :, None]).exp().masked_fill(~keep, 0) * g[0, :, None]
+                     + (logits - lse[1, :, None]).exp().masked_fill(~same, 0) * g[1, :, None])
+                grad += w @ F.normalize(bank[start:start + ctx.block].to(zn.dtype), dim=1) / ctx.sigma
         return grad, None, None, None, None, None, None
 
 

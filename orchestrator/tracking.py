@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 
+from grafit_core.errors import DataError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("torch", "torchvision", "numpy", "ray", "mlflow", "grafit-ray")
 
@@ -186,7 +188,11 @@ def dataset_fingerprint(*collections) -> str:
         paths = getattr(coll, "paths", None)
         if paths is not None:
             for p in paths:
-                h.update(f"{p}\0{os.path.getsize(p)}\n".encode())
+                try:
+                    size = os.path.getsize(p)
+                except OSError as err:   # data.check_sample opens a sample only: a missing file shows here
+                    raise DataError(f"{coll.name}: image {p}: {err.strerror}") from None
+                h.update(f"{p}\0{size}\n".encode())
         else:
             h.update(coll.images.numpy().tobytes() if hasattr(coll, "images") else coll.name.encode())
         for level in sorted(coll.labels):

@@ -25,9 +25,10 @@ from orchestrator.workers import latest_checkpoint, run_training, tracked_traini
 RESULT = "trial.json"                         # the reports of a finished trial, in order
 # what a rerun may change and still continue a sweep (and a trial keep its key): where and how
 # wide it runs, where its data lives, how long it waits for MLflow; never what is trained or where it is tracked
-RESUMABLE_CHANGES = ("name", "checkpoint.", "tracking.embeddings_max_mb", "tracking.log_checkpoint", "tracking.offline_wait_s",
-                     "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker", "sweep.gpus_per_worker",
-                     "data.root", "data.num_workers", "data.options.cache_size", "data.check_sample")
+RESUMABLE_CHANGES = ("name", "checkpoint.", "tracking.embeddings_max_mb", "tracking.log_checkpoint",
+                     "tracking.offline_wait_s", "sweep.max_concurrent", "sweep.workers", "sweep.cpus_per_worker",
+                     "sweep.gpus_per_worker", "data.root", "data.num_workers", "data.options.cache_size",
+                     "data.check_sample")
 
 
 def resumable_fields(data: dict) -> dict:

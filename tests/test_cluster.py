@@ -28,17 +28,26 @@ pytestmark = pytest.mark.timeout(600)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(span: int = 1) -> int:
+    """A port p with p ... p + span - 1 free (node I's dashboard agent listens on AGENT_PORT + I)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for p in range(port + 1, port + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
     ports = {"RAY_PORT": free_port(), "DASHBOARD_PORT": free_port(), "MLFLOW_PORT": free_port(),
-             "AGENT_PORT": free_port()}
+             "AGENT_PORT": free_port(span=2)}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_"))}
     env.update({k: str(v) for k, v in ports.items()})
     env.update(GRAFIT_CLUSTER_DIR=str(state / "ray"), GRAFIT_MLFLOW_DIR=str(state / "mlflow"), HEAD_CPUS="1",
@@ -194,7 +203,7 @@ def test_a_sweep_whose_job_file_lives_outside_the_project(cluster, tmp_path):
     job = tmp_path / "experiments" / "sweep.yaml"
     job.parent.mkdir()
     job.write_text(f"include: {os.path.join(ROOT, 'jobs', 'smoke.yaml')}\nname: outside-sweep\noptim: {{epochs: 1}}\n"
-                   "sweep:\n  space: {method.sigma: {grid: [0.05, 0.1]}}\n  scheduler: fifo\n  workers: 1\n"
+                   "sweep:\n  space: {method.sigma: {grid: [0.1]}}\n  scheduler: fifo\n  workers: 1\n"
                    "  cpus_per_worker: 1\n")
     p = grafit(["submit", str(job), "--address", cluster["url"]], submit_env(cluster))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -202,7 +211,7 @@ def test_a_sweep_whose_job_file_lives_outside_the_project(cluster, tmp_path):
     client = MlflowClient(cluster["mlflow"])
     runs = client.search_runs([client.get_experiment_by_name("outside-sweep").experiment_id])
     trials = [r for r in runs if "grafit.trial_key" in r.data.tags]
-    assert sorted(r.data.params["method.sigma"] for r in trials) == ["0.05", "0.1"]
+    assert [r.data.params["method.sigma"] for r in trials] == ["0.1"]
     assert all(r.info.status == "FINISHED" and "knn_top1/l2" in r.data.metrics for r in trials)
     assert {r.data.tags["grafit.job_file"] for r in runs} == {str(job)}
 
@@ -242,16 +251,18 @@ def test_a_lost_worker_node_the_run_finishes_on_the_head(cluster, tmp_path):
     # LAST in this module: the worker node does not come back. Ray's own CLI (`ray job submit`): the driver
     # and the Train controller sit on the head; the nodes' MLFLOW_TRACKING_URI and GRAFIT_STORAGE record it.
     from mlflow import MlflowClient
-    train = ["grafit", "train", "jobs/smoke.yaml", "--set", "optim.epochs=3", "--set", "checkpoint.every_steps=1"]
+    train = ["grafit", "train", "jobs/smoke.yaml", "--set", "optim.epochs=3", "--set", "checkpoint.every_steps=1",
+             "--set", "data.options.per_class=8"]                       # 96 images: 6 batches an epoch
     p = ray_job_submit(cluster, [*train, "--workers", "1-2", "--name", "lost-node"], {"OMP_NUM_THREADS": "1"},
                        wait=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", p.stdout + p.stderr).group(0)
     run_dir = cluster["state"] / "ray" / "storage" / "lost-node"
-    deadline = time.time() + 400                 # in the middle of epoch 2 (15 batches an epoch)
-    while not any(e == 1 and b >= 3 for e, b in progress_of(run_dir)):
+    deadline = time.time() + 400                 # in the middle of epoch 2
+    while not any((e, b >= 2) == (1, True) or e >= 2 for e, b in progress_of(run_dir)):
         assert time.time() < deadline, "epoch 2 never started"
         time.sleep(0.1)
+    assert max(progress_of(run_dir))[0] == 1, "the poll missed epoch 2"
     kill = subprocess.run([os.path.join(ROOT, "cluster", "local.sh"), "kill-node", "1"], env=cluster["env"],
                           capture_output=True, text=True, timeout=60)
     assert kill.returncode == 0 and "killed" in kill.stdout, kill.stdout + kill.stderr
@@ -275,7 +286,7 @@ def test_a_lost_worker_node_the_run_finishes_on_the_head(cluster, tmp_path):
     (restart, value), = [(k, v) for k, v in tags.items() if k.startswith("ray.start.")
                          and k != "ray.start.epoch0.batch0"]
     done, batches = map(int, re.fullmatch(r"ray\.start\.epoch(\d+)\.batch(\d+)", restart).groups())
-    assert (done, batches >= 3) == (1, True) and value.startswith("1 workers: ")   # inside epoch 2, on the head
+    assert (done, batches >= 2) == (1, True) and value.startswith("1 workers: ")   # inside epoch 2, on the head
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size")] == [(0, 2), (1, 1)]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]   # each epoch once
 

@@ -1,8 +1,10 @@
 """Elastic worker groups (issue 18) on a real multi-node Ray of this machine (`ray.cluster_utils.Cluster`:
 a raylet per node; removing a node SIGKILLs its processes): `--workers 1-2` grows back when a node
 joins, takes a checkpoint on a preemption notice (`ray drain-node --reason
-DRAIN_NODE_REASON_PREEMPTION`) and, when that node is then killed, goes on alone from it. This
-module's Ray is its own: it stops nothing else on the machine."""
+DRAIN_NODE_REASON_PREEMPTION`) and, when that node is then killed, goes on alone from it: the
+preemption test runs as the one trial of a sweep (`grafit sweep` with `sweep.workers: "1-2"`), so an
+elastic trial survives a lost node too. This module's Ray is its own: it stops nothing else on the
+machine."""
 import glob
 import os
 import subprocess
@@ -12,6 +14,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -52,6 +55,26 @@ def train_in_thread(tmp_path, job: dict, hook: StepLog) -> tuple[threading.Threa
     return thread, out
 
 
+def sweep_in_thread(tmp_path, monkeypatch, job: dict, hook: StepLog) -> tuple[threading.Thread, dict]:
+    """`job` as a one-trial sweep whose trial is an elastic 1-2 group (run_sweep, as `grafit sweep`
+    runs it: the trial's driver on the head node), in a thread."""
+    from orchestrator.cli import build_parser
+    from orchestrator.prepare import prepare
+    from orchestrator.sweep import run_sweep
+    out = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", out["uri"])
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**job, "name": "elastic", "sweep": {
+        "space": {"seed": {"grid": [job["seed"]]}}, "scheduler": "fifo", "workers": "1-2", "resize_interval_s": 2}}))
+    prep = prepare("sweep", build_parser().parse_args(["sweep", str(path)]))
+
+    def sweep():
+        out["grid"], _ = run_sweep(prep, storage_path=str(tmp_path / "runs"), max_failures=2, on_step=hook)
+    thread = threading.Thread(target=sweep, daemon=True)
+    thread.start()
+    return thread, out
+
+
 def wait_for(condition, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -66,12 +89,12 @@ def the_run(out: dict):
     return run, [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size")]
 
 
-def test_a_preempted_node_gets_a_checkpoint_and_the_group_goes_on_without_it(cluster, tmp_path):
+def test_a_preempted_node_gets_a_checkpoint_and_the_trial_goes_on_without_it(cluster, tmp_path, monkeypatch):
     node = cluster.add_node(num_cpus=1)
     log = str(tmp_path / "steps")
     open(log, "w").close()
     # slow steps (2 s): the notice reaches the workers before the run ends; they ask at every batch
-    thread, out = train_in_thread(tmp_path, {**JOB, "checkpoint": {"preemption_probe_steps": 1}},
+    thread, out = sweep_in_thread(tmp_path, monkeypatch, {**JOB, "checkpoint": {"preemption_probe_steps": 1}},
                                   StepLog(log, delay_s=2.0))
     wait_for(lambda: any(s[3] == 2 for s in steps_of(log)), "the group did not start at 2 workers")
     drain = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node", "--address",
@@ -81,7 +104,7 @@ def test_a_preempted_node_gets_a_checkpoint_and_the_group_goes_on_without_it(clu
     assert drain.returncode == 0, drain.stderr
 
     def preemption_checkpoint():
-        for path in glob.glob(str(tmp_path / "runs" / "elastic" / "checkpoint_*" / "train_state.pt")):
+        for path in glob.glob(str(tmp_path / "runs" / "trials" / "elastic-*" / "checkpoint_*" / "train_state.pt")):
             state = torch.load(path, map_location="cpu", weights_only=True)
             if state["partial"]:                    # every_steps is off: only the notice checkpoints inside an epoch
                 return state["epoch"], state["partial"]["batches"]
@@ -89,16 +112,21 @@ def test_a_preempted_node_gets_a_checkpoint_and_the_group_goes_on_without_it(clu
     done, batches = preemption_checkpoint()
     cluster.remove_node(node, allow_graceful=False)   # the reclaim: SIGKILL of the node's raylet and workers
     thread.join(400)
-    assert out["result"].error is None
+    assert out["grid"].num_errors == 0 and len(out["grid"]) == 1     # the trial survived its lost node
     rank0 = [(e, b, w) for e, b, r, w in steps_of(log) if r == 0]
     restart = next(i for i, s in enumerate(rank0) if s[2] == 1)
     # the lone worker continues from the preemption checkpoint: the rest of that epoch, then the next ones
     assert rank0[restart:] == [(e, b, 1) for e in range(done + 1, 4) for b in range(4) if (e, b) >= (done + 1, batches)]
-    run, world = the_run(out)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(out["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("elastic").experiment_id],
+                                filter_string="tags.`grafit.trial_key` != ''")
     assert run.info.status == "FINISHED" and run.data.tags["ray.world_size"] == "1"
     assert run.data.tags["grafit.preemption_checkpoint"] == f"epoch {done + 1}, after {batches} batches"
     assert f"ray.start.epoch{done}.batch{batches}" in run.data.tags
+    world = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size")]
     assert world == [(0, 2.0), (done, 1.0)]              # each start of the group at its size
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]   # each epoch once
 
 
 def test_a_group_started_small_grows_back_when_a_node_joins(cluster, tmp_path):

@@ -42,8 +42,8 @@ def test_blockwise_knn_loss_passes_gradcheck(monkeypatch):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
     bank, bank_labels = torch.randn(11, 5, dtype=torch.float64, generator=g), torch.arange(11) % 3
-    assert torch.autograd.gradcheck(lambda x: losses.knn_loss(x, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 4, 9, 20]),
-                                                              bank, bank_labels, 0.5), (z,))
+    labels, indices = torch.tensor([0, 1, 2, 0]), torch.tensor([0, 4, 9, 20])
+    assert torch.autograd.gradcheck(lambda x: losses.knn_loss(x, labels, indices, bank, bank_labels, 0.5), (z,))
 
 
 @pytest.mark.parametrize("n,world_size,levels,path_bytes", [(2_000, 2, 2, 30), (3_001, 3, 3, 41)])
@@ -59,3 +59,9 @@ def test_step_bytes_formula_equals_the_counted_collectives(n, world_size, batch)
     moved, params = got[0]
     assert params == 6 * 8 + 8
     assert moved == scale_model.step_comm_bytes(batch, 8, world_size, params)
+
+
+@pytest.mark.parametrize("world_size,classes", [(2, (10, 3)), (3, (20, 4, 2))])
+def test_evaluation_bytes_formula_equals_the_counted_collectives(world_size, classes):
+    got = run_gloo(scale_model.counted_eval, world_size, 600, 30, 8, 5, classes)
+    assert len(set(got)) == 1 and got[0] == scale_model.eval_pass_bytes(30, 600, world_size, 5, classes, 1)
