@@ -113,15 +113,22 @@ def measured_state(N, W, d, L, p):
             "permutation": GlobalBatches(N, 8, 1, 0, 0).permutation().nbytes}
 
 
-def counted_step(ctx, n, d, batch, in_dim):
-    """One training step's collectives, as train_one_epoch makes them, each buffer counted."""
+def counting_collectives() -> list:
+    """Patch this process's all_gather / all_reduce to append each call's buffer bytes (an all-gather:
+    its output) to the returned list; the gloo processes of --validate are thrown away after."""
     import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     moved = []
     gather, reduce = dist.all_gather, dist.all_reduce
     dist.all_gather = lambda out, t, *a, **k: (moved.append(t.numel() * t.element_size() * len(out)),
                                                gather(out, t, *a, **k))[1]
     dist.all_reduce = lambda t, *a, **k: (moved.append(t.numel() * t.element_size()), reduce(t, *a, **k))[1]
+    return moved
+
+
+def counted_step(ctx, n, d, batch, in_dim):
+    """One training step's collectives, as train_one_epoch makes them, each buffer counted."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    moved = counting_collectives()
     torch.manual_seed(0)
     net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(in_dim, d))
     net.register_comm_hook(None, allreduce_hook)           # DDP's all-reduce through Python, so it is counted
@@ -142,14 +149,9 @@ def counted_step(ctx, n, d, batch, in_dim):
 
 def counted_eval(ctx, n, q, d, k, classes):
     """The collectives' bytes of one evaluation pass over balanced classes (every R = n / c), counted."""
-    import torch.distributed as dist
     from grafit_core.memory import shard_bounds
     from grafit_core.metrics import Ranking, evaluate_pass
-    moved = []
-    gather, reduce = dist.all_gather, dist.all_reduce
-    dist.all_gather = lambda out, t, *a, **kw: (moved.append(t.numel() * t.element_size() * len(out)),
-                                                gather(out, t, *a, **kw))[1]
-    dist.all_reduce = lambda t, *a, **kw: (moved.append(t.numel() * t.element_size()), reduce(t, *a, **kw))[1]
+    moved = counting_collectives()
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(n, d, generator=g), torch.randn(q, d, generator=g)
     lo, hi = shard_bounds(n, ctx.world_size, ctx.rank)

@@ -25,7 +25,7 @@ from grafit_core.data.transforms import build_transform
 from grafit_core.data.views import EvalImages, GlobalBatches, TrainViews
 from grafit_core.distributed import DistContext
 from grafit_core.evaluate import check_against_data, evaluate, evaluate_unseen, online_knn, validation_indices
-from grafit_core.memory import MemoryBank, ShardedMemoryBank, shard_bounds
+from grafit_core.memory import MemoryBank, ShardedMemoryBank, gather_rows, shard_bounds
 from grafit_core.methods import Method, get_method
 from grafit_core.models import ema_tau
 
@@ -83,17 +83,6 @@ def embed(method: Method, collection: Collection, cfg: Config, ctx: DistContext,
     if not logits and head is not None:      # an empty shard still takes part in gathering the logits
         logits = [torch.zeros(0, head.out_features)]
     return (torch.cat(zs) if zs else torch.zeros(0, method.net.embed_dim)), (torch.cat(logits) if logits else None)
-
-
-def gather_rows(local: Optional[torch.Tensor], n: int, ctx: DistContext) -> Optional[torch.Tensor]:
-    """Concatenate every rank's block of shard_bounds(n) rows (padded for gloo) -> n rows."""
-    if local is None or not ctx.distributed:
-        return local
-    size = -(-n // ctx.world_size)
-    padded = torch.cat([local, local.new_zeros(size - len(local), *local.shape[1:])])
-    parts = ctx.all_gather_cat(padded.to(ctx.device)).cpu().view(ctx.world_size, size, *local.shape[1:])
-    return torch.cat([parts[r][:b - a] for r, (a, b) in
-                      enumerate(shard_bounds(n, ctx.world_size, r) for r in range(ctx.world_size))])
 
 
 def embed_sharded(method, collection, cfg, ctx, transform):

@@ -6,6 +6,8 @@ training-level labels; a single process holds all rows (offset 0). A sharded mem
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +71,28 @@ def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     size = -(-n // world_size)
     start = min(rank * size, n)
     return start, min(start + size, n)
+
+
+def gather_rows(local: Optional[torch.Tensor], n: int, ctx,
+                rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Rows `rows` (sorted global indices, the same on every rank; None: all n) of the n-row matrix
+    whose shard_bounds(n) block this rank holds as `local`, in order, on every rank (None stays None)."""
+    if local is None:
+        return None
+    bounds = [shard_bounds(n, ctx.world_size, r) for r in range(ctx.world_size)]
+    if rows is None:
+        counts, mine = [b - a for a, b in bounds], local
+    else:   # every rank knows how many sampled rows each block holds: no exchange of counts needed
+        edges = [torch.searchsorted(rows, torch.tensor(ab)).tolist() for ab in bounds]
+        counts = [e - s for s, e in edges]
+        s, e = edges[ctx.rank]
+        mine = local[rows[s:e] - bounds[ctx.rank][0]]
+    if not ctx.distributed:
+        return mine
+    size = max(counts)      # gloo gathers equal sizes: pad each rank's rows to the largest count
+    padded = torch.cat([mine, mine.new_zeros(size - len(mine), *mine.shape[1:])])
+    parts = ctx.all_gather_cat(padded.to(ctx.device)).cpu().view(ctx.world_size, size, *mine.shape[1:])
+    return torch.cat([parts[r][:c] for r, c in enumerate(counts)])
 
 
 def _combine_lse(parts: torch.Tensor) -> torch.Tensor:

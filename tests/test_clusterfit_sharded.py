@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from grafit_core.distributed import DistContext
 from grafit_core.memory import shard_bounds
-from grafit_core.methods.clusterfit import ClusterFitPlus, gather_selected, seed_sample, spherical_kmeans
+from grafit_core.memory import gather_rows
+from grafit_core.methods.clusterfit import ClusterFitPlus, seed_sample, spherical_kmeans
 from gloo import run_gloo
 
 N, D, K = 503, 16, 10          # 503: W = 2 and W = 3 both leave a shorter last block
@@ -62,12 +63,12 @@ def sharded_worker(ctx, x):
     out = {"all": labels_through_prepare(ctx, x, K, 3)}
     for m in (100, 300):   # k-means++ on a sample: the sparse (top-up) and the dense (permutation) draw
         own = spherical_kmeans(x[a:b], K, seed=3, ctx=ctx, n=n, max_seed_rows=m)
-        out[f"sample{m}"] = (own, gather_selected(own, n, ctx))
+        out[f"sample{m}"] = (own, gather_rows(own, n, ctx))
     rows = seed_sample(n, 100, 3)
-    out["selected"] = gather_selected(x[a:b], n, ctx, rows)
+    out["selected"] = gather_rows(x[a:b], n, ctx, rows)
     tiny = x[:4]                # n = 4 over 3 ranks: the last block is empty and still takes part
     ta, tb = shard_bounds(4, ctx.world_size, ctx.rank)
-    out["tiny"] = gather_selected(spherical_kmeans(tiny[ta:tb], 2, seed=1, ctx=ctx, n=4), 4, ctx)
+    out["tiny"] = gather_rows(spherical_kmeans(tiny[ta:tb], 2, seed=1, ctx=ctx, n=4), 4, ctx)
     return out
 
 

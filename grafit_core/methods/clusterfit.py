@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from grafit_core.distributed import DistContext
-from grafit_core.memory import shard_bounds
+from grafit_core.memory import gather_rows, shard_bounds
 from grafit_core.methods.base import Method
 
 # k-means++ seeds on at most this many rows. Up to it the sample is every row, so the seeding (and the
@@ -36,26 +36,6 @@ def seed_sample(n: int, max_rows: int, seed: int) -> Optional[torch.Tensor]:
     return picked
 
 
-def gather_selected(local: torch.Tensor, n: int, ctx: DistContext,
-                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rows `rows` (sorted global indices, the same on every rank; None: all n) of the n-row matrix
-    whose shard_bounds(n) block this rank holds as `local`, in order, on every rank."""
-    bounds = [shard_bounds(n, ctx.world_size, r) for r in range(ctx.world_size)]
-    if rows is None:
-        counts, mine = [b - a for a, b in bounds], local
-    else:   # every rank knows how many sampled rows each block holds: no exchange of counts needed
-        edges = [torch.searchsorted(rows, torch.tensor(ab)).tolist() for ab in bounds]
-        counts = [e - s for s, e in edges]
-        s, e = edges[ctx.rank]
-        mine = local[rows[s:e] - bounds[ctx.rank][0]]
-    if not ctx.distributed:
-        return mine
-    size = max(counts)      # gloo gathers equal sizes: pad each rank's rows to the largest count
-    padded = torch.cat([mine, mine.new_zeros(size - len(mine), *mine.shape[1:])])
-    parts = ctx.all_gather_cat(padded.to(ctx.device)).cpu().view(ctx.world_size, size, *mine.shape[1:])
-    return torch.cat([parts[r][:c] for r, c in enumerate(counts)])
-
-
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0, ctx: DistContext = DistContext(),
                      n: Optional[int] = None, max_seed_rows: int = MAX_SEED_ROWS) -> torch.Tensor:
     """k-means on the unit sphere (cosine), k-means++ seeding. x: this rank's shard_bounds(n) block of
@@ -68,7 +48,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0, ct
     x = F.normalize(x.float(), dim=1)
     # k-means++ on a sample gathered to every rank: the same rows and generator everywhere give the same
     # centers everywhere (no broadcast), whatever the world size
-    xs = gather_selected(x, n, ctx, seed_sample(n, max_seed_rows, seed))
+    xs = gather_rows(x, n, ctx, seed_sample(n, max_seed_rows, seed))
     g = torch.Generator().manual_seed(seed)
     centers = [xs[torch.randint(len(xs), (1,), generator=g)].squeeze(0)]
     best = torch.full((len(xs),), 2.0)
@@ -99,4 +79,4 @@ class ClusterFitPlus(Method):
         features, n, ctx = train_stage("ce", labels)    # stage 1: the CE baseline on the given labels
         ids = spherical_kmeans(features, cfg.method.clusters, seed=cfg.seed, ctx=ctx, n=n)
         # any rank may draw any sample, so every rank needs all n pseudo-labels: n ints, not n x d floats
-        return gather_selected(ids, n, ctx)
+        return gather_rows(ids, n, ctx)
