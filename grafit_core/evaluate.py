@@ -17,6 +17,7 @@ from grafit_core.config import Config, with_overrides
 from grafit_core.data import NONE_LEVEL, Collection
 from grafit_core.errors import ConfigError, DataError
 from grafit_core.distributed import DistContext
+from grafit_core.losses import at_least_fp32
 from grafit_core.metrics import Ranking, choose_k, evaluate_pass, knn_predict, replicate_rows
 
 VALIDATION_SEED = 0   # the same validation subset for every run, so sweeps compare like with like
@@ -65,7 +66,7 @@ def online_knn(memory, level_labels: dict[str, torch.Tensor], val_idx: torch.Ten
     k = min(cfg.eval.k if isinstance(cfg.eval.k, int) else ONLINE_K, n - 1)
     lo, hi = memory.offset, memory.offset + len(memory)
     shard_labels = {lv: lab[lo:hi] for lv, lab in level_labels.items()}
-    bank = memory.bank.to(torch.promote_types(memory.bank.dtype, torch.float32))   # a bf16 memory: in fp32
+    bank = memory.bank.to(at_least_fp32(memory.bank.dtype))   # a bf16 memory: in fp32
     val = replicate_rows(bank, lo, val_idx, ctx)
     preds = knn_predict(val, bank, shard_labels, lo, [k], cfg.eval_sigma, _num_classes(level_labels), ctx,
                         exclude=val_idx, backend=cfg.eval.knn_backend)

@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kNN loss, the memory update and the online kNN compute in: fp32, or float64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 KNN_BLOCK_ELEMENTS = 2 ** 24   # (query, row) pairs held at once; beyond, the rows go in blocks (O(B x block) memory)
 
 
@@ -23,7 +28,7 @@ def knn_partials(z: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
     Beyond KNN_BLOCK_ELEMENTS pairs the rows are taken in blocks whose logits the backward recomputes
     (one more product, but B x block instead of B x n activations: at 10^7 rows a worker, B x n does not fit).
     """
-    dtype = torch.promote_types(z.dtype, torch.float32)   # at least fp32 whatever the networks ran in
+    dtype = at_least_fp32(z.dtype)                         # whatever the networks ran in
     local = indices - offset
     with torch.autocast(z.device.type, enabled=False):    # (optim.precision bf16)
         zn = F.normalize(z.to(dtype), dim=1)

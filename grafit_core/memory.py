@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from grafit_core.distributed import all_gather_grad
-from grafit_core.losses import knn_loss, knn_partials, knn_terms
+from grafit_core.losses import at_least_fp32, knn_loss, knn_partials, knn_terms
 
 
 class MemoryBank:
@@ -25,7 +25,7 @@ class MemoryBank:
         self.offset = offset
         self.renormalize = renormalize
         self.bank = torch.zeros(len(self.labels), dim, device=device, dtype=dtype)   # bf16: stored, not computed in
-        self.compute_dtype = torch.promote_types(self.bank.dtype, torch.float32)
+        self.compute_dtype = at_least_fp32(self.bank.dtype)
         self.filled = torch.zeros(len(self.labels), dtype=torch.bool, device=device)
 
     def __len__(self) -> int:
