@@ -85,8 +85,10 @@ def send(rec: dict, *, replaying: bool = False) -> None:
         (c.log_artifact if kind == "artifact" else c.log_artifacts)(run_id, rec["local"], rec["dest"])
     elif kind == "end":
         # a replayed end never overrides a run closed since (a trial stopped by ASHA whose killed driver
-        # left "FAILED" unsent is KILLED by its sweep; a later replay must not turn it FAILED)
-        if replaying and c.get_run(run_id).info.status != "RUNNING":
+        # left "FAILED" unsent is KILLED by its sweep; a later replay must not turn it FAILED), nor
+        # does FAILED override KILLED (the late end of a trial driver that its interrupted sweep stopped)
+        now = c.get_run(run_id).info.status
+        if now != "RUNNING" and (replaying or (now == "KILLED" and rec["status"] == "FAILED")):
             return
         c.set_terminated(run_id, status=rec["status"])
     else:

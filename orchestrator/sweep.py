@@ -90,15 +90,14 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
         save_state(job, storage_path, "definition.json", job_dict(job))
     parent = parent_run(job, uri, storage_path, prep.fingerprint, prep.kind)
     log = journal.Journal(uri, parent, os.path.join(state_dir(job, storage_path), "mlflow_journal", "parent.jsonl"))
-    ok, grid, wait_s, interrupted = False, None, job.tracking.offline_wait_s, False
+    ok, grid, progress, wait_s = False, None, None, job.tracking.offline_wait_s
     try:
         spec = TrialSpec(job_dict(job), job.source, uri, parent, prep.fingerprint,
                          storage_uri(storage_path.rstrip("/") + "/trials"), job.config.name, max_failures,
                          prep.levels, on_step)
         grid, progress = _fit_tuner(job, spec, storage_path, getattr(prep.args, "verbose", False))
         missing = progress.unfinished(expected_trials(job))
-        interrupted = missing > 0
-        if interrupted:                        # Tune returns from an interrupted fit() as if it were done
+        if missing:                            # Tune returns from an interrupted fit() as if it were done
             raise Interrupted(f"{prep.kind} {job.config.name} interrupted: {missing} of {expected_trials(job)} "
                               f"trials unfinished; nothing is lost: rerun the same command to continue it")
         # the trials' own records travel through their journals; the parent's are read and
@@ -120,8 +119,8 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
     finally:
         try:
             if grid is not None:
-                close_children(log, job, grid)
-            log.end("KILLED" if interrupted else ok)
+                close_children(log, job, grid, progress.cut_short())
+            log.end("KILLED" if progress is not None and progress.unfinished(expected_trials(job)) else ok)
         except Exception as err:                 # the server is gone: say so, keep the first error
             print(f"grafit: could not close the sweep's MLflow runs in {uri} ({type(err).__name__}); "
                   f"they stay open", file=sys.stderr)
@@ -174,16 +173,19 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str, verbose: bool = Fal
     return tuner.fit(), progress
 
 
-def close_children(log: journal.Journal, job: Job, grid) -> None:
-    """A trial stopped by the scheduler (or whose driver died) cannot close its own run: mark it
-    KILLED (stopped early) or FAILED (errored), never leave it RUNNING."""
-    failed = {trial_key(job_with(job, r.config)) for r in grid if r.error is not None}
+def close_children(log: journal.Journal, job: Job, grid, cut_short: list[dict] = ()) -> None:
+    """A trial stopped by the scheduler or cut short by an interruption (Ctrl-C) is KILLED, one that
+    errored FAILED; none is left RUNNING. cut_short: the configurations of the trials that were running
+    when the sweep was interrupted (their dying drivers may have closed their runs FAILED first)."""
+    cut = {trial_key(job_with(job, params)) for params in cut_short}
+    failed = {trial_key(job_with(job, r.config)) for r in grid if r.error is not None} - cut
     c = tracking.client(log.uri)
     runs = c.search_runs([c.get_run(log.run_id).info.experiment_id],
-                         filter_string=f"tags.mlflow.parentRunId = '{log.run_id}' and attributes.status = 'RUNNING'")
+                         filter_string=f"tags.mlflow.parentRunId = '{log.run_id}'")
     for run in runs:                          # trials only: an aggregate's end may still be in the journal
-        if "grafit.trial_key" in run.data.tags:
-            log.end("FAILED" if run.data.tags["grafit.trial_key"] in failed else "KILLED", run_id=run.info.run_id)
+        key, status = run.data.tags.get("grafit.trial_key"), run.info.status
+        if key is not None and (status == "RUNNING" or (status == "FAILED" and key in cut)):
+            log.end("FAILED" if key in failed else "KILLED", run_id=run.info.run_id)
 
 
 REPLICATE_KEYS = ("seed",)                   # what replicates of one configuration differ in

@@ -167,14 +167,19 @@ def trial_progress(epochs: int, objective: str, quiet: bool = True):
 
     class Progress(Callback):             # Tune calls it in the driver process
         def __init__(self):
-            self.started, self.ended = set(), set()
+            self.started, self.ended, self.configs = set(), set(), {}
 
         def unfinished(self, expected: int) -> int:
             """How many of the sweep's `expected` trials did not end (0: the sweep is complete)."""
             return max(expected - len(self.ended), len(self.started - self.ended))
 
+        def cut_short(self) -> list[dict]:
+            """The configurations of the trials that started and never ended (an interrupted sweep)."""
+            return [self.configs[t] for t in sorted(self.started - self.ended)]
+
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started.add(trial.trial_id)
+            self.configs[trial.trial_id] = trial.config
             states(trials, trial, "running")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):

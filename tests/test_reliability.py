@@ -344,3 +344,35 @@ def test_a_replayed_end_never_overrides_a_run_closed_since(tmp_path):
     c = tracking.client(uri)
     assert c.get_run(stopped).info.status == "KILLED"           # closed since: kept
     assert c.get_run(open_run).info.status == "FAILED"          # still open: the journal's end applies
+
+
+def test_an_interrupted_sweep_marks_its_cut_short_trials_killed_whatever_their_drivers_sent(tmp_path):
+    # Ctrl-C: the running trial's dying driver may close its run FAILED before or after the sweep
+    # closes it; either way it ends KILLED. A trial that errored earlier stays FAILED.
+    from types import SimpleNamespace
+
+    from orchestrator import journal, tracking
+    from orchestrator.job import job_from_dict, job_with
+    from orchestrator.sweep import close_children
+    from orchestrator.trials import trial_key
+    from tiny import tiny_job
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job = job_from_dict({**tiny_job("cut"), "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1, 0.2]}}}},
+                        str(tmp_path / "sweep.yaml"))
+    parent = tracking.start_run(uri, "cut", "sweep", {"a": 1}, {})
+    params = [{"method.sigma": s} for s in (0.05, 0.1, 0.2)]
+    runs = [tracking.start_run(uri, "cut", f"t{i}", {"a": 1}, {"grafit.trial_key": trial_key(job_with(job, p))},
+                               parent) for i, p in enumerate(params)]
+    c = tracking.client(uri)
+    c.set_terminated(runs[0], status="FAILED")          # errored before the Ctrl-C (Tune says so)
+    c.set_terminated(runs[1], status="FAILED")          # cut short; its driver's end came first
+    grid = [SimpleNamespace(config=params[0], error=RuntimeError("boom")),
+            SimpleNamespace(config=params[1], error=RuntimeError("stopped")), SimpleNamespace(config=params[2],
+                                                                                              error=None)]
+    log = journal.Journal(uri, parent, str(tmp_path / "parent.jsonl"))
+    close_children(log, job, grid, cut_short=params[1:])   # runs[2]: cut short, its driver's end not yet sent
+    assert log.close(10)
+    late = journal.Journal(uri, runs[2], str(tmp_path / "driver.jsonl"))
+    late.end(False)                                       # the dying driver's end, after the sweep's
+    assert late.close(10)
+    assert [c.get_run(r).info.status for r in runs] == ["FAILED", "KILLED", "KILLED"]
