@@ -39,7 +39,7 @@ class StepLog:
     path: str
     wait_world: int = 0
     wait_epoch: int = 0
-    delay_s: float = 0.0                       # rank 0 sleeps this long before each step (a slow step)
+    delay_s: float = 0.0                       # rank 0 of a group of 2+ sleeps this long before each step (slow)
 
     def __call__(self, epoch: int, step_in_epoch: int, rank: int) -> None:
         import time
@@ -50,5 +50,5 @@ class StepLog:
             f.write(f"{epoch} {step_in_epoch} {rank} {world}\n")
         if world == self.wait_world and epoch == self.wait_epoch:
             time.sleep(300)                    # the resize kills this process long before
-        if rank == 0:
+        if rank == 0 and world > 1:             # the lone survivor need not wait for anything
             time.sleep(self.delay_s)

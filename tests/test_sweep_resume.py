@@ -38,9 +38,9 @@ def test_an_interrupted_or_killed_sweep_driver_is_continued_by_the_same_command(
     from grafit_core.config import config_from_dict
     from grafit_core.data import prepare_data
     from grafit_core.engine import fit
-    # a larger collection: an epoch lasts long enough to be interrupted in the middle
-    job = {**BASE, "data": {**BASE["data"], "options": {**BASE["data"]["options"], "per_class": 300}},
-           "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo", "max_concurrent": 1}}
+    # a larger collection and checkpoints inside epochs: a trial is interrupted in the middle of an epoch
+    job = {**BASE, "data": {**BASE["data"], "options": {**BASE["data"]["options"], "per_class": 100}},
+           "checkpoint": {"every_steps": 25}, "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo", "max_concurrent": 1}}
     path = write(tmp_path, job)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Tune's own state is saved rarely: the rerun must not depend on it
@@ -56,7 +56,7 @@ def test_an_interrupted_or_killed_sweep_driver_is_continued_by_the_same_command(
     try:
         deadline = time.time() + 400
         while not glob.glob(os.path.join(trials, "*", "checkpoint_*", "train_state.pt")):
-            assert interrupted.poll() is None and time.time() < deadline, "the first epoch did not end in time"
+            assert interrupted.poll() is None and time.time() < deadline, "no checkpoint in time"
             time.sleep(0.05)
         os.kill(interrupted.pid, signal.SIGINT)
         out, err = interrupted.communicate(timeout=300)
@@ -72,12 +72,12 @@ def test_an_interrupted_or_killed_sweep_driver_is_continued_by_the_same_command(
     try:
         deadline = time.time() + 400
 
-        def second_in_epoch_2():
+        def second_checkpointed():
             done = finished(trials)
             return len(done) == 1 and any(glob.glob(os.path.join(d, "checkpoint_*", "train_state.pt"))
                                           for d in glob.glob(os.path.join(trials, "*")) if d not in done)
 
-        while not second_in_epoch_2():
+        while not second_checkpointed():
             assert first.poll() is None and time.time() < deadline, "the first trial did not finish in time"
             time.sleep(0.05)
         os.killpg(first.pid, signal.SIGKILL)              # the driver, its trials and the local Ray
