@@ -35,8 +35,8 @@ def measure(n, n_q, d, classes):
     lab, qlab = {"l": torch.arange(n) % classes}, {"l": torch.arange(n_q) % classes}
 
     def run(c, labels):
-        evaluate_pass(query, c, 0, labels, qlab, {"l": classes}, DistContext(), votes={("l", 20, 0.05)}, ap_levels=["l"],
-                      rankings={"cosine": Ranking()})
+        evaluate_pass(query, c, 0, labels, qlab, {"l": classes}, DistContext(), votes={("l", 20, 0.05)},
+                      ap_levels=["l"], rankings={"cosine": Ranking()})
 
     run(coll[:2000], {"l": lab["l"][:2000]})      # compiled loop, thread pool, allocator: not the pass's own
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM (the peak) to the current RSS

@@ -52,8 +52,9 @@ def main():
     print(f"plain loop:        {plain_epoch:8.2f} s/epoch   (whole fit {plain_wall:.1f} s)")
     print(f"TorchTrainer (1w): {ray_epoch:8.2f} s/epoch   (whole fit {result.wall_s:.1f} s)")
     print(f"ratio TorchTrainer / plain epoch time: {ray_epoch / plain_epoch:.3f}   (goal <= 1.05)")
+    plain_outside = plain_wall - plain_epoch * args.epochs
     print(f"Ray start-up: ray.init {init_s:.1f} s; fit outside epochs (worker group, data, memory "
-          f"init, evaluation, checkpoints) {result.wall_s - epochs_s:.1f} s vs plain {plain_wall - plain_epoch * args.epochs:.1f} s")
+          f"init, evaluation, checkpoints) {result.wall_s - epochs_s:.1f} s vs plain {plain_outside:.1f} s")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def worker_loop(spec: WorkerSpec) -> dict:
             dist.all_gather_object(nodes, nodes[0])
         if ctx.is_main:                        # every (re)start of the group, at its size (elastic groups)
             epoch, batches = progress(resume_dir) if resume_dir else (0, 0)
-            log_to.set_tags({**{f"ray.node_id.rank{r}": n for r, n in enumerate(nodes)}, "ray.world_size": world,
+            # one tag for the group as it is now (per-rank tags of a larger earlier group would stay behind)
+            log_to.set_tags({"ray.node_ids": ",".join(nodes), "ray.world_size": world,
                              f"ray.start.epoch{epoch}.batch{batches}": f"{world} workers: {','.join(nodes)}"})
             log_to.log_metrics({"world_size": world}, step=epoch)
     # each epoch is logged once, also when this worker group restarts from an older checkpoint
@@ -222,7 +223,8 @@ def run_training(cfg: Config, *, task: str = "fit", workers, cpus_per_worker: fl
         worker_loop, train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=as_workers(workers).scaling(), use_gpu=use_gpu,
-                                     resources_per_worker=resources, elastic_resize_monitor_interval_s=resize_interval_s),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=resize_interval_s),
         run_config=RunConfig(storage_path=storage_uri(storage_path), name=name or cfg.name,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),

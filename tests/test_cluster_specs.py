@@ -91,7 +91,8 @@ def test_mlflow_manifest_serves_artifacts_inside_the_cluster():
     assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
     # authentication: the basic-auth app, its secret key and config from a Secret (never a literal)
     env = {e["name"]: e for e in container["env"]}
-    assert "--app-name basic-auth" in command and env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
+    assert "--app-name basic-auth" in command
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
     assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
 
 

@@ -185,7 +185,8 @@ def test_a_submit_spec_with_bad_options_names_them():
     from grafit_core.errors import ConfigError
     from orchestrator.submit import check_locally
     for argv, msg in ((["sweep", "jobs/smoke.yaml", "--workers", "2"], "unrecognized arguments: --workers 2"),
-                      (["train", "jobs/smoke.yaml", "--workers", "x"], "argument --workers: expected N or MIN-MAX with 1 <= MIN <= MAX, got 'x'")):
+                      (["train", "jobs/smoke.yaml", "--workers", "x"],
+                       "argument --workers: expected N or MIN-MAX with 1 <= MIN <= MAX, got 'x'")):
         with pytest.raises(ConfigError, match=f"^spec.yaml: options: {msg}$"):
             check_locally(argv, "spec.yaml")
 
@@ -196,7 +197,8 @@ def test_jobs_list_is_newest_first_with_times_status_and_the_grafit_command():
     from orchestrator.submit import ENTRYPOINT, job_rows
     status = SimpleNamespace
     listed = [SimpleNamespace(submission_id="old", job_id=None, status=status(value="SUCCEEDED"),
-                              entrypoint=ENTRYPOINT + "train jobs/smoke.yaml", start_time=1_000_000, end_time=1_095_000),
+                              entrypoint=ENTRYPOINT + "train jobs/smoke.yaml", start_time=1_000_000,
+                              end_time=1_095_000),
               SimpleNamespace(submission_id=None, job_id="new", status=status(value="RUNNING"),
                               entrypoint="python other.py", start_time=9_000_000, end_time=None)]
     rows = job_rows(listed, now_ms=12_725_000)

@@ -103,3 +103,14 @@ def test_no_module_of_ours_is_imported_by_name_at_run_time():
                 if fn in ("import_module", "__import__"):
                     args = [a.value for a in node.args if isinstance(a, ast.Constant)]
                     assert not any(str(a).startswith(PACKAGES) for a in args) and args, (name, ast.dump(node))
+
+
+def test_no_line_of_python_is_wider_than_120_columns():
+    import subprocess
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:                                  # not a git checkout (an unpacked copy): every file here
+        tracked = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) for f in fs
+                   if f.endswith(".py") and ".venv" not in d]
+    wide = [f"{path}:{i}" for path in tracked for i, line in enumerate(open(os.path.join(ROOT, path)), 1)
+            if len(line.rstrip("\n")) > 120]
+    assert not wide, wide

@@ -66,7 +66,8 @@ def test_tune_sweep_tracked_in_mlflow(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    path = write(tmp_path, {"space": {"method.tau_base": {"grid": [0.99, 0.996]}, "method.sigma": {"grid": [0.05, 0.1]}},
+    path = write(tmp_path, {"space": {"method.tau_base": {"grid": [0.99, 0.996]},
+                                      "method.sigma": {"grid": [0.05, 0.1]}},
                             "eval_grid": {"eval.k": [3, 5, "auto"]}, "scheduler": "fifo", "max_concurrent": 2})
     try:
         assert grafit(["sweep", path, "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2"]) == 0

@@ -40,7 +40,8 @@ def test_an_interrupted_or_killed_sweep_driver_is_continued_by_the_same_command(
     from grafit_core.engine import fit
     # a larger collection and checkpoints inside epochs: a trial is interrupted in the middle of an epoch
     job = {**BASE, "data": {**BASE["data"], "options": {**BASE["data"]["options"], "per_class": 100}},
-           "checkpoint": {"every_steps": 25}, "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo", "max_concurrent": 1}}
+           "checkpoint": {"every_steps": 25},
+           "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}, "scheduler": "fifo", "max_concurrent": 1}}
     path = write(tmp_path, job)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Tune's own state is saved rarely: the rerun must not depend on it

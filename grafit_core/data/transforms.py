@@ -35,8 +35,8 @@ class GlyphCropAffine(torch.nn.Module):
 
     Samples like v2.RandomResizedCrop(size, scale, ratio) followed by
     v2.RandomAffine(degrees, shear=(-s, s, -s, s), fill=0) (an oversized crop is clipped
-    instead of retried), ~5x faster on a 32 px glyph: one grid_sample, no v2 dispatch. Never flips. Out-of-image pixels are
-    0: background once Omniglot is inverted. uint8 C x H x W -> float32, normalised with
+    instead of retried), ~5x faster on a 32 px glyph: one grid_sample, no v2 dispatch. Never flips.
+    Out-of-image pixels are 0: background once Omniglot is inverted. uint8 C x H x W -> float32, normalised with
     mean/std (on the [0, 1] scale) here rather than by a separate Normalize, for speed.
     """
 
