@@ -62,6 +62,9 @@ def records(path: str) -> list[dict]:
     return out
 
 
+END_RANK = {"FAILED": 0, "KILLED": 1, "FINISHED": 2}
+
+
 def send(rec: dict, *, replaying: bool = False) -> None:
     """One record to its run. A replayed metrics record already on the server is not sent twice."""
     from mlflow.entities import Metric
@@ -69,7 +72,9 @@ def send(rec: dict, *, replaying: bool = False) -> None:
     c, run_id, kind = client(rec["uri"]), rec["run_id"], rec["kind"]
     if kind == "metrics":
         items = [Metric(k, v, rec["time"], rec["step"]) for k, v in sorted(rec["metrics"].items())]
-        if replaying and items and any(m.step == rec["step"] for m in c.get_metric_history(run_id, items[0].key)):
+        # the same record (step and time): a new value at an old step (a rerun's best/*) is sent
+        if replaying and items and any((m.step, m.timestamp) == (rec["step"], rec["time"])
+                                       for m in c.get_metric_history(run_id, items[0].key)):
             return
         for i in range(0, len(items), 500):
             c.log_batch(run_id, metrics=items[i:i + 500])
@@ -84,13 +89,13 @@ def send(rec: dict, *, replaying: bool = False) -> None:
             return
         (c.log_artifact if kind == "artifact" else c.log_artifacts)(run_id, rec["local"], rec["dest"])
     elif kind == "end":
-        # a replayed end never overrides a run closed since (a trial stopped by ASHA whose killed driver
-        # left "FAILED" unsent is KILLED by its sweep; a later replay must not turn it FAILED), nor
-        # does FAILED override KILLED (the late end of a trial driver that its interrupted sweep stopped)
+        # a closed run's status only moves up, FAILED -> KILLED -> FINISHED, whatever the order the
+        # ends arrive in: the late FAILED of a trial driver its sweep stopped (ASHA, Ctrl-C) leaves it
+        # KILLED; a FINISHED left in a journal still wins over a KILLED or a stale FAILED sent before
+        # it. Only a reopened (RUNNING) run takes any end.
         now = c.get_run(run_id).info.status
-        if now != "RUNNING" and (replaying or (now == "KILLED" and rec["status"] == "FAILED")):
-            return
-        c.set_terminated(run_id, status=rec["status"])
+        if now == "RUNNING" or END_RANK.get(rec["status"], -1) > END_RANK.get(now, -1):
+            c.set_terminated(run_id, status=rec["status"])
     else:
         raise ValueError(f"unknown journal record {kind!r}")
 

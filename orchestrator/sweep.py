@@ -28,8 +28,8 @@ from orchestrator import figures, journal, tracking
 from orchestrator.job import Job, job_dict, job_with, objective_metric
 from orchestrator.prepare import Prepared, format_table, launch, markdown_table, max_failures, prepare
 from orchestrator.searchers import expected_trials, num_trials, search_algorithm, tune_space
-from orchestrator.trials import (TrialSpec, max_epochs, resumable_fields, run_label, trial_fn, trial_key,
-                                 trial_progress)
+from orchestrator.trials import (KEY_CHARS, TrialSpec, max_epochs, resumable_fields, run_label, stored_reports,
+                                 trial_dir, trial_fn, trial_key, trial_progress)
 from orchestrator.workers import storage_uri
 
 
@@ -45,6 +45,12 @@ def check_definition(job: Job, storage_path: str) -> None:
     if "://" in storage_path:                 # trial results, definitions and journals are local files
         raise ConfigError(f"{job.source}: --storage-path (or GRAFIT_STORAGE) {storage_path}: a sweep or matrix keeps "
                           f"what makes it resumable in files: give a folder every node reaches (NFS), not a URI")
+    name, storage = job.config.name, storage_uri(storage_path)
+    if name in ("trials", "sweeps") or glob.glob(os.path.join(storage, glob.escape(name), "checkpoint_*")):
+        # Tune's folder <storage>/<name> is emptied at every start: never the trials, the sweeps' own
+        # files, or a training run's checkpoints
+        raise ConfigError(f"{job.source}: name: {name!r} is taken in {storage_path} (the trials' or sweeps' folder, "
+                          f"or a training run's checkpoints); give the sweep another name")
     path = os.path.join(state_dir(job, storage_path), "definition.json")
     if not os.path.exists(path):
         return
@@ -90,12 +96,14 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
         save_state(job, storage_path, "definition.json", job_dict(job))
     parent = parent_run(job, uri, storage_path, prep.fingerprint, prep.kind)
     log = journal.Journal(uri, parent, os.path.join(state_dir(job, storage_path), "mlflow_journal", "parent.jsonl"))
-    ok, grid, progress, wait_s = False, None, None, job.tracking.offline_wait_s
+    ok, grid, wait_s = False, None, job.tracking.offline_wait_s
+    spec = TrialSpec(job_dict(job), job.source, uri, parent, prep.fingerprint,
+                     storage_uri(storage_path.rstrip("/") + "/trials"), job.config.name, max_failures,
+                     prep.levels, on_step)
+    verbose = getattr(prep.args, "verbose", False)
+    progress = trial_progress(max_epochs(job), objective_metric(prep.levels), quiet=not verbose)
     try:
-        spec = TrialSpec(job_dict(job), job.source, uri, parent, prep.fingerprint,
-                         storage_uri(storage_path.rstrip("/") + "/trials"), job.config.name, max_failures,
-                         prep.levels, on_step)
-        grid, progress = _fit_tuner(job, spec, storage_path, getattr(prep.args, "verbose", False))
+        grid = _fit_tuner(job, spec, storage_path, progress, verbose)
         missing = progress.unfinished(expected_trials(job))
         if missing:                            # Tune returns from an interrupted fit() as if it were done
             raise Interrupted(f"{prep.kind} {job.config.name} interrupted: {missing} of {expected_trials(job)} "
@@ -106,9 +114,8 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
             raise GrafitError(f"MLflow server {uri} did not come back within {wait_s:.0f} s: "
                               f"the sweep's trials are done (their records wait in their journals, "
                               f"<storage>/trials/*/mlflow_journal: grafit sync), its parent run {parent} stays open")
-        deadline = time.time() + wait_s            # this sweep's trials only: others may be writing theirs
-        for folder in glob.glob(os.path.join(spec.storage_path, f"{spec.name}-*", "mlflow_journal")):
-            journal.replay_all(folder, max(0.0, deadline - time.time()))
+        replay_trials(spec, wait_s)
+        keep_finished(grid, job, spec)
         confs, objective = configurations(grid), objective_metric(prep.levels)
         record_best(log, job, confs, objective)
         describe(log, job, confs, objective, summary_keys(prep.levels))
@@ -117,16 +124,37 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
         ok = grid.num_errors < len(grid)
         return grid, parent
     finally:
+        # Ctrl-C: Tune returned early (Interrupted), or a second one broke out of Tune itself
+        interrupted = isinstance(sys.exc_info()[1], (Interrupted, KeyboardInterrupt))
         try:
-            if grid is not None:
-                close_children(log, job, grid, progress.cut_short())
-            log.end("KILLED" if progress is not None and progress.unfinished(expected_trials(job)) else ok)
+            if interrupted:                    # what the finished trials' drivers left, before closing the rest
+                replay_trials(spec, min(wait_s, 10.0))
+            close_children(log, job, grid or [], progress.cut_short())
+            log.end("KILLED" if interrupted else ok)
         except Exception as err:                 # the server is gone: say so, keep the first error
             print(f"grafit: could not close the sweep's MLflow runs in {uri} ({type(err).__name__}); "
                   f"they stay open", file=sys.stderr)
         if not log.close(wait_s):
             print(f"grafit: the sweep's parent run {parent} records wait in {log.path}: grafit sync "
                   f"{os.path.dirname(log.path)}", file=sys.stderr)
+
+
+def replay_trials(spec: TrialSpec, wait_s: float) -> None:
+    """Send what this sweep's trial drivers left in their journals (not other sweeps': `<name>-<key>`)."""
+    deadline = time.time() + wait_s
+    for folder in glob.glob(os.path.join(spec.storage_path, f"{glob.escape(spec.name)}-{'?' * KEY_CHARS}",
+                                         "mlflow_journal")):
+        journal.replay_all(folder, max(0.0, deadline - time.time()))
+
+
+def keep_finished(grid, job: Job, spec: TrialSpec) -> None:
+    """A finished trial that ASHA stopped while it replayed its stored reports (trials running at once
+    fill the rungs in another order than the first time) keeps its stored final report."""
+    for r in grid:
+        if r.error is None and r.metrics is not None and "trained" not in r.metrics:
+            stored = stored_reports(trial_dir(spec, trial_key(job_with(job, r.config))))
+            if stored:
+                r.metrics = stored[-1]
 
 
 class Interrupted(GrafitError):
@@ -142,7 +170,7 @@ def check_capacity(sw) -> None:
                           f"the Ray cluster has {cpus:g}: concurrent trials would wait forever")
 
 
-def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str, verbose: bool = False):
+def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str, progress, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -163,28 +191,31 @@ def _fit_tuner(job: Job, spec: TrialSpec, storage_path: str, verbose: bool = Fal
     limit = sw.max_concurrent if sw.search == "tpe" else None   # random: the seeded generator limits itself
     if not verbose:                           # Tune's reporter of old prints nothing at verbose 0; the new one
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"    # still prints its heading: trial_progress prints instead
-    progress = trial_progress(max_epochs(job), objective_metric(spec.test_levels), quiet=not verbose)
     tuner = tune.Tuner(trainable, param_space=tune_space(job),
                        tune_config=tune.TuneConfig(scheduler=scheduler,
                                                    search_alg=search_algorithm(job, objective_metric(spec.test_levels)),
                                                    num_samples=num_trials(job), max_concurrent_trials=limit),
                        run_config=tune.RunConfig(storage_path=storage_uri(storage_path), name=job.config.name,
                                                  callbacks=[progress], **({} if verbose else {"verbose": 0})))
-    return tuner.fit(), progress
+    return tuner.fit()
 
 
 def close_children(log: journal.Journal, job: Job, grid, cut_short: list[dict] = ()) -> None:
-    """A trial stopped by the scheduler or cut short by an interruption (Ctrl-C) is KILLED, one that
-    errored FAILED; none is left RUNNING. cut_short: the configurations of the trials that were running
-    when the sweep was interrupted (their dying drivers may have closed their runs FAILED first)."""
-    cut = {trial_key(job_with(job, params)) for params in cut_short}
-    failed = {trial_key(job_with(job, r.config)) for r in grid if r.error is not None} - cut
+    """No trial's run is left RUNNING: one that errored is FAILED; one stopped by the scheduler or cut
+    short by an interruption (Ctrl-C) is KILLED, also when its dying driver closed it FAILED first (the
+    newest run of its key only: an older attempt that really failed stays FAILED)."""
+    stopped = {trial_key(job_with(job, r.config)) for r in grid
+               if r.error is None and r.metrics and "trained" not in r.metrics}
+    stopped |= {trial_key(job_with(job, params)) for params in cut_short}
+    failed = {trial_key(job_with(job, r.config)) for r in grid if r.error is not None} - stopped
     c = tracking.client(log.uri)
     runs = c.search_runs([c.get_run(log.run_id).info.experiment_id],
-                         filter_string=f"tags.mlflow.parentRunId = '{log.run_id}'")
+                         filter_string=f"tags.mlflow.parentRunId = '{log.run_id}'", order_by=["attribute.start_time"])
+    newest = {run.data.tags["grafit.trial_key"]: run.info.run_id for run in runs if "grafit.trial_key" in run.data.tags}
     for run in runs:                          # trials only: an aggregate's end may still be in the journal
         key, status = run.data.tags.get("grafit.trial_key"), run.info.status
-        if key is not None and (status == "RUNNING" or (status == "FAILED" and key in cut)):
+        if key is not None and (status == "RUNNING" or (status == "FAILED" and key in stopped
+                                                         and newest[key] == run.info.run_id)):
             log.end("FAILED" if key in failed else "KILLED", run_id=run.info.run_id)
 
 

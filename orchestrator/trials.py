@@ -23,6 +23,7 @@ from orchestrator.job import Job, job_from_dict, job_with, objective_metric
 from orchestrator.workers import latest_checkpoint, run_training, tracked_training
 
 RESULT = "trial.json"                         # the reports of a finished trial, in order
+KEY_CHARS = 12                                # a trial key's hex digits
 # what a rerun may change and still continue a sweep (and a trial keep its key): where and how
 # wide it runs, where its data lives, how long it waits for MLflow; never what is trained or where it is tracked
 RESUMABLE_CHANGES = ("name", "checkpoint.", "tracking.embeddings_max_mb", "tracking.log_checkpoint",
@@ -56,7 +57,7 @@ def trial_key(job: Job) -> str:
     """The trial's identity: a hash of what it trains and evaluates (the core's config, seed included;
     not where its data lives or how many loader processes read it)."""
     blob = json.dumps(resumable_fields(to_dict(job.config)), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
 
 
 def trial_dir(spec: TrialSpec, key: str) -> str:

@@ -348,7 +348,8 @@ def test_a_replayed_end_never_overrides_a_run_closed_since(tmp_path):
 
 def test_an_interrupted_sweep_marks_its_cut_short_trials_killed_whatever_their_drivers_sent(tmp_path):
     # Ctrl-C: the running trial's dying driver may close its run FAILED before or after the sweep
-    # closes it; either way it ends KILLED. A trial that errored earlier stays FAILED.
+    # closes it; either way it ends KILLED, as does a trial ASHA stopped. A trial that errored stays
+    # FAILED, and so does an older attempt of a cut trial that really failed.
     from types import SimpleNamespace
 
     from orchestrator import journal, tracking
@@ -357,22 +358,54 @@ def test_an_interrupted_sweep_marks_its_cut_short_trials_killed_whatever_their_d
     from orchestrator.trials import trial_key
     from tiny import tiny_job
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    job = job_from_dict({**tiny_job("cut"), "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1, 0.2]}}}},
+    sigmas = (0.05, 0.1, 0.2, 0.3)
+    job = job_from_dict({**tiny_job("cut"), "sweep": {"space": {"method.sigma": {"grid": list(sigmas)}}}},
                         str(tmp_path / "sweep.yaml"))
     parent = tracking.start_run(uri, "cut", "sweep", {"a": 1}, {})
-    params = [{"method.sigma": s} for s in (0.05, 0.1, 0.2)]
-    runs = [tracking.start_run(uri, "cut", f"t{i}", {"a": 1}, {"grafit.trial_key": trial_key(job_with(job, p))},
-                               parent) for i, p in enumerate(params)]
+    params = [{"method.sigma": s} for s in sigmas]
+    keys = [trial_key(job_with(job, p)) for p in params]
+    older = tracking.start_run(uri, "cut", "t1 (first attempt)", {"a": 1}, {"grafit.trial_key": keys[1]}, parent)
+    runs = [tracking.start_run(uri, "cut", f"t{i}", {"a": 1}, {"grafit.trial_key": k}, parent)
+            for i, k in enumerate(keys)]
     c = tracking.client(uri)
-    c.set_terminated(runs[0], status="FAILED")          # errored before the Ctrl-C (Tune says so)
-    c.set_terminated(runs[1], status="FAILED")          # cut short; its driver's end came first
+    for run in (older, runs[0], runs[1], runs[3]):
+        c.set_terminated(run, status="FAILED")  # errored; failed really; cut short, stopped: their drivers' ends
     grid = [SimpleNamespace(config=params[0], error=RuntimeError("boom")),
-            SimpleNamespace(config=params[1], error=RuntimeError("stopped")), SimpleNamespace(config=params[2],
-                                                                                              error=None)]
+            SimpleNamespace(config=params[1], error=None, metrics={"epoch": 1}),
+            SimpleNamespace(config=params[2], error=None, metrics={"epoch": 1}),
+            SimpleNamespace(config=params[3], error=None, metrics={"epoch": 1})]   # stopped by ASHA
     log = journal.Journal(uri, parent, str(tmp_path / "parent.jsonl"))
-    close_children(log, job, grid, cut_short=params[1:])   # runs[2]: cut short, its driver's end not yet sent
+    close_children(log, job, grid, cut_short=params[1:3])   # runs[2]: cut short, its driver's end not yet sent
     assert log.close(10)
     late = journal.Journal(uri, runs[2], str(tmp_path / "driver.jsonl"))
     late.end(False)                                       # the dying driver's end, after the sweep's
     assert late.close(10)
-    assert [c.get_run(r).info.status for r in runs] == ["FAILED", "KILLED", "KILLED"]
+    assert [c.get_run(r).info.status for r in [older, *runs]] == ["FAILED", "FAILED", "KILLED", "KILLED", "KILLED"]
+
+
+def test_a_closed_run_only_moves_up_and_a_rerun_replays_its_new_step_0_values(tmp_path):
+    # FAILED -> KILLED -> FINISHED: a FINISHED left in a journal wins over the sweep's KILLED; a stale
+    # FAILED of an earlier attempt sent first does not stick. A replay sends a new value at an old step.
+    from orchestrator import journal, tracking
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    killed, resumed = (tracking.start_run(uri, "up", n, {"a": 1}, {}) for n in ("killed", "resumed"))
+    c.set_terminated(killed, status="KILLED")
+    log = journal.Journal(uri, killed, str(tmp_path / "a.jsonl"), send_now=False)
+    log.end(False)
+    log.end(True)
+    log.end(False)
+    assert journal.replay(str(tmp_path / "a.jsonl"), 10)
+    assert c.get_run(killed).info.status == "FINISHED"
+    again = journal.Journal(uri, resumed, str(tmp_path / "b.jsonl"), send_now=False)
+    again.end(False)                                      # attempt 1's end, never sent
+    again.end(True)                                       # attempt 2 trained to the end
+    assert journal.replay(str(tmp_path / "b.jsonl"), 10)
+    assert c.get_run(resumed).info.status == "FINISHED"
+    best = journal.Journal(uri, resumed, str(tmp_path / "c.jsonl"), send_now=False)
+    best.log_metrics({"best/x": 0.5}, step=0)
+    assert journal.replay(str(tmp_path / "c.jsonl"), 10)
+    best.log_metrics({"best/x": 0.7}, step=0)             # a rerun's new best, left for grafit sync
+    assert journal.replay(str(tmp_path / "c.jsonl"), 10)
+    assert journal.replay(str(tmp_path / "c.jsonl"), 10)  # replaying twice sends nothing twice
+    assert [m.value for m in c.get_metric_history(resumed, "best/x")] == [0.5, 0.7]

@@ -161,6 +161,34 @@ def test_a_changed_sweep_definition_is_refused_naming_the_keys(tmp_path, capsys)
     assert grafit(["sweep", write(tmp_path, wider), "--storage-path", str(tmp_path / "runs"), "--check"]) == 0
 
 
+
+@pytest.mark.parametrize("name", ["trials", "sweeps", "trained"])
+def test_a_sweep_named_after_a_folder_it_would_empty_is_refused(tmp_path, capsys, name):
+    # Tune's folder <storage>/<name> is emptied at every start of a sweep
+    from orchestrator.cli import main as grafit
+    (tmp_path / "runs" / "trained" / "checkpoint_000001").mkdir(parents=True)   # a `grafit train` run's
+    path = write(tmp_path, {**BASE, "name": name, "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}}})
+    assert grafit(["sweep", path, "--storage-path", str(tmp_path / "runs"), "--check"]) == 2
+    assert f"{path}: name: {name!r} is taken in {tmp_path / 'runs'}" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "trained" / "checkpoint_000001").is_dir()
+
+
+def test_a_finished_trial_stopped_while_it_replays_keeps_its_stored_final_report(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.job import job_from_dict, job_with
+    from orchestrator.sweep import keep_finished
+    from orchestrator.trials import TrialSpec, store_reports, trial_dir, trial_key
+    job = job_from_dict({**BASE, "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.1]}}}}, "sweep.yaml")
+    spec = TrialSpec({}, "sweep.yaml", "", "", "", str(tmp_path), "resume", 0, ["l2"])
+    finished, cut = {"method.sigma": 0.05}, {"method.sigma": 0.1}
+    final = {"epoch": 4, "trained": 1, "knn_top1/l2": 0.5}
+    store_reports(trial_dir(spec, trial_key(job_with(job, finished))), [{"epoch": 1}, final])
+    grid = [SimpleNamespace(config=finished, error=None, metrics={"epoch": 1}),   # ASHA stopped its replay
+            SimpleNamespace(config=cut, error=None, metrics={"epoch": 1})]        # stopped, never finished
+    keep_finished(grid, job, spec)
+    assert [r.metrics for r in grid] == [final, {"epoch": 1}]
+
 @pytest.mark.timeout(900)
 def test_replicates_are_aggregated_and_the_best_is_chosen_by_their_mean(tmp_path, monkeypatch, capsys):
     import statistics
