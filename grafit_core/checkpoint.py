@@ -103,14 +103,19 @@ def saved_config(directory: str) -> dict | None:
 
 def load_trained(directory: str):
     """(config, method in eval mode, meta) from a checkpoint directory (f and P for inference);
-    meta["pipeline"] is the Pipeline every consumer applies to image files."""
+    meta["pipeline"] is the Pipeline every consumer applies to image files; meta["trained"] how far
+    its training had gone (epoch, of epochs, batches of the next epoch). Raises FileNotFoundError or
+    ValueError naming the file."""
     from grafit_core.config import config_from_dict
     from grafit_core.data.pipeline import pipeline_from_meta
     from grafit_core.methods import get_method
     path = os.path.join(directory, "train_state.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no train_state.pt (not a grafit checkpoint)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                  # cut short, a Git LFS pointer, not a torch file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     meta = state.get("meta") or {}
     if "config" not in meta:
         raise ValueError(f"{path}: the checkpoint does not record its config (written by an older version)")
@@ -118,5 +123,11 @@ def load_trained(directory: str):
     cfg = config_from_dict({k: v for k, v in meta["config"].items() if k not in ("sweep", "matrix", "tracking")}, path)
     meta["pipeline"] = pipeline_from_meta(cfg, meta)
     method = get_method(cfg.method.name)(cfg, meta["in_channels"], meta["num_classes"])
-    method.load_state_dict(state["method"])
+    try:
+        method.load_state_dict(state["method"])
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"{path}: its weights do not fit the network its config describes "
+                         f"({str(err).splitlines()[0][:200]})") from None
+    meta["trained"] = {"epoch": state.get("epoch"), "of": cfg.optim.epochs,
+                       "batches": (state.get("partial") or {}).get("batches", 0)}
     return cfg, method.eval(), meta

@@ -18,7 +18,7 @@ from orchestrator.matrix import cmd_matrix
 from orchestrator.prepare import RUN_COMMANDS, add_run_flags
 from orchestrator.submit import add_parsers as add_submit_parsers
 from orchestrator.sweep import cmd_sweep
-from orchestrator.tools import cmd_evaluate, cmd_report, cmd_search, cmd_sync, cmd_ui
+from orchestrator.tools import cmd_evaluate, cmd_report, cmd_search, cmd_sync, cmd_ui, k_arg, positive_int
 from orchestrator.train import cmd_finetune, cmd_local, cmd_train
 
 
@@ -43,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (holds train_state.pt)")
     p.add_argument("--data", required=True, help="root of nested folders: root/<level1>/.../<image>")
     p.add_argument("--levels", default=None, help="comma-separated level names, coarse -> fine (default level1,...)")
-    p.add_argument("--query-fraction", type=float, default=0.25,
+    p.add_argument("--query-fraction", type=float, default=None,
                    help="per leaf class, files sorted by name: the last fraction are queries (default 0.25); "
-                        "a class with one file stays in the collection")
-    p.add_argument("--k", default="auto", help="k of the kNN: auto (chosen on the collection) or an integer")
+                        "a class with one file stays in the collection. Not on the folder the model was trained "
+                        "on: its queries are the ones its training held out")
+    p.add_argument("--k", default="auto", type=k_arg,
+                   help="k of the kNN: auto (chosen on the collection, per level) or an integer >= 1")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("search", help="rank a collection for query images with a trained model")
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", default=None, help="comma-separated level names, coarse -> fine (default level1,...)")
     p.add_argument("--coarse", default=None,
                    help="a class of the first (coarsest) level: its items are ranked first (eq. 5, one-hot p_c)")
-    p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--index-dir", default="runs/index",
                    help="where the collection's Parquet index is kept and reused (default runs/index)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")

@@ -43,7 +43,8 @@ def report(uri: str, ref: str, out_dir: str) -> list[str]:
     if children:
         _sweep_report(run, children)
         return []
-    levels = sorted({k.split("/")[1] for k in run.data.metrics if k.startswith("knn_top1/") and k.count("/") == 1})
+    levels = sorted({k.split("/", 1)[1] for k in run.data.metrics
+                     if k.startswith("knn_top1/") and (k.count("/") == 1 or k.endswith(matrix.UNSEEN))})
     for lv in levels:
         m = run.data.metrics
         print(f"  {lv}: " + ", ".join(f"{k} {100 * m[f'{k}/{lv}']:.1f}" for k in matrix.METRICS if f"{k}/{lv}" in m))
@@ -61,15 +62,22 @@ def _matrix_report(c, rid: str, out_dir: str) -> list[str]:
 
 
 def _sweep_report(run, children) -> None:
+    """The trials' table, then (with replicates) the configurations' means: never mixed in one table."""
     # params are flattened: sweep.space.<key>.<grid|choice|uniform|loguniform>
     swept = sorted({k[len("sweep.space."):].rsplit(".", 1)[0] for k in run.data.params if k.startswith("sweep.space.")})
-    finest = sorted({k.split("/")[1] for r in children for k in r.data.metrics
-                     if k.startswith("knn_top1/") and k.count("/") == 1})
-    keys = [f"{m}/{lv}" for lv in finest for m in ("knn_top1", "map_cosine", "map_cond")]
-    print(f"{len(children)} runs of {run.info.run_name}; best: {run.data.tags.get('best.run_id', '-')}")
-    header = ["run", "status", *swept, *keys]
-    print("  ".join(header))
-    for r in sorted(children, key=lambda r: r.info.run_name):
-        cells = [r.info.run_name.split("/")[-1], r.info.status, *[r.data.params.get(p, "-") for p in swept]]
-        cells += [f"{100 * r.data.metrics[k]:.1f}" if k in r.data.metrics else "-" for k in keys]
-        print("  ".join(cells))
+    levels = sorted({k.split("/", 1)[1] for r in children for k in r.data.metrics
+                     if k.startswith("knn_top1/") and (k.count("/") == 1 or k.endswith(matrix.UNSEEN))})
+    keys = [f"{m}/{lv}" for lv in levels for m in ("knn_top1", "map_cosine", "map_cond")]
+    means = [r for r in children if r.data.tags.get("grafit.kind") == "aggregate"]
+    trials = [r for r in children if r not in means]
+    print(f"{len(trials)} trials of {run.info.run_name}; best: {run.data.tags.get('best.run_id', '-')}")
+    for title, runs in (("", trials), (f"\nmeans over replicates ({len(means)} configurations):", means)):
+        if not runs:
+            continue
+        if title:
+            print(title)
+        print("  ".join(["run", "status", *swept, *keys]))
+        for r in sorted(runs, key=lambda r: r.info.run_name):
+            cells = [r.info.run_name.split("/")[-1], r.info.status, *[r.data.params.get(p, "-") for p in swept]]
+            cells += [f"{100 * r.data.metrics[k]:.1f}" if k in r.data.metrics else "-" for k in keys]
+            print("  ".join(cells))

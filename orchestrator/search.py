@@ -1,7 +1,7 @@
 """`grafit search`: rank a collection for a query image with a trained model (paper §3.2).
 
 The collection's embeddings are computed once and saved as a Parquet index (path, embedding,
-class name at every level) keyed by the checkpoint and the collection's file list, then reused
+class name at every level) keyed by the checkpoint and the collection's files, then reused
 for every query. With `--coarse LABEL` the ranking is conditioned on a coarse class the user
 gives (the paper's interface scenario: eq. 5 with p_c one-hot, i.e. that class's items first).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import numpy as np
 import torch
@@ -16,13 +17,14 @@ import torch
 from grafit_core.errors import GrafitError
 
 def index_key(checkpoint: str, paths: list[str], levels: list[str], pipeline) -> str:
-    """Changes when the model, its input pipeline, the level names or any collection file (name or
-    size) changes: an index built another way is never reused."""
+    """Changes when the model, its input pipeline, the level names or any collection file (name,
+    size or modification time) changes: an index built another way is never reused."""
     h = hashlib.sha256(",".join(levels).encode() + pipeline.key().encode())
     state = os.path.join(checkpoint, "train_state.pt")
     h.update(f"{os.path.abspath(state)}\0{os.path.getsize(state)}\0{os.path.getmtime(state)}".encode())
     for p in paths:
-        h.update(f"{p}\0{os.path.getsize(p)}\n".encode())
+        st = os.stat(p)                         # a file rewritten at the same size has another mtime
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -82,12 +84,24 @@ def rank(query_z: np.ndarray, bank: np.ndarray, coarse_names: list[str], coarse:
     return order, scores[order]
 
 
-def search(args) -> list[dict]:
+def open_model(checkpoint: str):
+    """(config, method, meta) of `--checkpoint` for a command, one line on stderr when it is not the
+    end of its training (a mid-training checkpoint: its results are of that model)."""
     from grafit_core.checkpoint import load_trained
     try:
-        cfg, method, meta = load_trained(args.checkpoint)
+        cfg, method, meta = load_trained(checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise GrafitError(f"--checkpoint: {err}") from None
+    t = meta["trained"]
+    if t["epoch"] != t["of"] or t["batches"]:
+        print(f"grafit: warning: --checkpoint {checkpoint} was saved after {t['epoch']} of {t['of']} epochs"
+              f"{' and ' + str(t['batches']) + ' batches' if t['batches'] else ''}: not its training's end",
+              file=sys.stderr)
+    return cfg, method, meta
+
+
+def search(args) -> list[dict]:
+    cfg, method, meta = open_model(args.checkpoint)
     if args.backend == "faiss":
         import importlib.util
         if importlib.util.find_spec("faiss") is None:

@@ -2,12 +2,28 @@
 `grafit evaluate`, `grafit search`, `grafit report`, `grafit ui`."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
 from grafit_core.data.folders import EXTENSIONS
 from grafit_core.errors import GrafitError
+
+
+def k_arg(text: str):
+    """--k: auto or an integer >= 1 (argparse type: a bad value is one usage line)."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def folder_depth(root: str) -> int:
@@ -19,37 +35,76 @@ def folder_depth(root: str) -> int:
     raise GrafitError(f"--data {root}: no image found")
 
 
-def cmd_evaluate(args) -> int:
-    """Evaluate a trained model on any nested-folder collection; print JSON metrics per level."""
-    from grafit_core.checkpoint import load_trained
-    from grafit_core.config import with_overrides
-    from grafit_core.data.folders import load_folders
-    from grafit_core.distributed import DistContext
-    from grafit_core.engine import embed
-    from grafit_core.evaluate import evaluate
+def training_folder(cfg) -> str | None:
+    """The image folder the model's training read (nested-folder datasets), else None."""
+    from grafit_core.data.folders import find_omniglot
+    if cfg.data.name == "folders":
+        return cfg.data.root
+    return find_omniglot(cfg.data.root) if cfg.data.name == "omniglot" and cfg.data.root else None
 
-    try:
-        cfg, method, meta = load_trained(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        raise GrafitError(f"--checkpoint: {err}") from None
-    if not os.path.isdir(args.data):
-        raise GrafitError(f"--data {args.data}: no such folder")
+
+def evaluation_split(args, cfg, pipe) -> tuple:
+    """(collection, queries, levels, conditioning level, split) of --data. The folder the model was
+    trained on is split as its training split it (its queries are then never training images); any
+    other folder by name, the last --query-fraction of each leaf class being queries."""
+    from grafit_core.data import load_dataset
+    from grafit_core.data.folders import load_folders
+    own = training_folder(cfg)
+    here, there = os.path.realpath(args.data), os.path.realpath(own) if own else None
+    if there and here != there and (there.startswith(here + os.sep) or here.startswith(there + os.sep)):
+        raise GrafitError(f"--data {args.data}: overlaps {own}, the folder the model was trained on: give that "
+                          f"folder itself (its held-out queries) or one apart from it")
+    if here == there:
+        if args.query_fraction is not None:
+            raise GrafitError(f"--query-fraction: {args.data} is the folder the model was trained on; its queries "
+                              f"are the ones its training held out (data.options in the checkpoint): drop the flag")
+        train, query = load_dataset(cfg.data.name, cfg.data.root, cfg.data.options)
+        levels = train.hierarchy.levels
+        if args.levels and args.levels.split(",") != levels:
+            raise GrafitError(f"--levels: {args.data} is the folder the model was trained on, with levels "
+                              f"{','.join(levels)}")
+        return train, query, levels, cfg.data.train_level if cfg.data.train_level in levels else levels[0], "training's"
     depth = folder_depth(args.data)
     levels = args.levels.split(",") if args.levels else [f"level{i + 1}" for i in range(depth)]
     if len(levels) != depth or depth == 0:
         raise GrafitError(f"--levels: {args.data} has {depth} folder level(s) above its images, got {levels}")
-    pipe = meta["pipeline"]                   # the files are read as the model's training read them
-    train, query = load_folders(args.data, levels=levels, query_fraction=args.query_fraction, split="sorted",
+    fraction = 0.25 if args.query_fraction is None else args.query_fraction
+    train, query = load_folders(args.data, levels=levels, query_fraction=fraction, split="sorted",
                                 channels=pipe.channels, invert=pipe.invert, cache_size=pipe.decoded_size)
-    # conditioning uses the coarsest level of the new taxonomy, through eq. 6 over the collection
-    ecfg = with_overrides(cfg, {"data.train_level": levels[0], "data.test_levels": levels, "eval.grid": {},
-                                "eval.k": args.k if args.k == "auto" else int(args.k)})
+    return train, query, levels, levels[0], f"sorted, last {fraction:g} of each class"
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate a trained model on any nested-folder collection; print JSON metrics per level."""
+    from grafit_core.config import with_overrides
+    from grafit_core.distributed import DistContext
+    from grafit_core.engine import embed
+    from grafit_core.evaluate import evaluate
+    from orchestrator.matrix import meaningful
+    from orchestrator.search import open_model
+
+    cfg, method, meta = open_model(args.checkpoint)
+    if not os.path.isdir(args.data):
+        raise GrafitError(f"--data {args.data}: no such folder")
+    pipe = meta["pipeline"]                   # the files are read as the model's training read them
+    train, query, levels, by, split = evaluation_split(args, cfg, pipe)
+    if len(query) == 0:
+        raise GrafitError(f"--data {args.data}: no query image (every leaf class has one file, or "
+                          f"--query-fraction is 0): nothing to evaluate")
+    # conditioning (eq. 6, a kNN vote over the collection) at the training level on the training
+    # folder, else at the coarsest level of the new taxonomy
+    ecfg = with_overrides(cfg, {"data.train_level": by, "data.test_levels": levels, "eval.grid": {},
+                                "eval.k": args.k})
     tf = pipe.transform()
     bank, _ = embed(method, train, ecfg, DistContext(), tf)
     queries, _ = embed(method, query, ecfg, DistContext(), tf)
     metrics = evaluate(ecfg, bank, 0, train, queries, query, levels)
-    out = {"checkpoint": args.checkpoint, "data": args.data, "collection": len(train), "queries": len(query),
-           "levels": {lv: {k.split("/")[0]: v for k, v in metrics.items() if k.endswith(f"/{lv}")} for lv in levels}}
+    # conditioned and oracle mAP at or above the conditioning level are not results (1.0 by construction)
+    out = {"checkpoint": args.checkpoint, "trained": meta["trained"], "data": args.data, "split": split,
+           "conditioned_on": by, "collection": len(train), "queries": len(query),
+           "levels": {lv: {k.split("/")[0]: v for k, v in metrics.items()
+                           if k.endswith(f"/{lv}") and meaningful(k.split("/")[0], by, lv, levels)}
+                      for lv in levels}}
     print(json.dumps(out, indent=1))
     return 0
 
@@ -63,8 +118,8 @@ def cmd_search(args) -> int:
         depth = folder_depth(args.collection)
         args.levels = ",".join(f"level{i + 1}" for i in range(depth))
     for res in search(args):
-        if args.json:
-            print(json.dumps(res, indent=1))
+        if args.json:                         # one object per line: several queries stay parseable
+            print(json.dumps(res))
             continue
         how = f"conditioned on {args.coarse!r}" if args.coarse else "cosine"
         print(f"{res['query']} ({how}; index {res['index']}{', built' if res['index_built'] else ''}):")

@@ -96,6 +96,17 @@ def test_query_fraction_per_leaf_and_seeded(tmp_path):
         load_folders(root, levels=["a", "c"], query_fraction=1.0)
 
 
+def test_class_folders_that_are_links_are_followed_and_a_loop_is_refused(tmp_path):
+    root = make_tree(tmp_path / "catalog", TWO_LEVEL[:3])
+    elsewhere = make_tree(tmp_path / "elsewhere", ["character01/d.jpg", "character03/f.png"])
+    os.symlink(elsewhere, os.path.join(root, "Latin"))          # a collection assembled from links
+    train, _ = load_folders(root, levels=["alphabet", "character"])
+    assert train.hierarchy.classes["alphabet"] == ["Greek", "Latin"] and len(train) == 5
+    os.symlink(root, os.path.join(root, "Greek", "character01", "back"))
+    with pytest.raises(DataError, match="is the same folder as .*catalog \\(symbolic links\\)"):
+        load_folders(root, levels=["alphabet", "character"])
+
+
 def test_folder_errors_name_the_culprit(tmp_path):
     with pytest.raises(DataError, match="nope"):
         load_folders(str(tmp_path / "nope"), levels=["a", "b"])

@@ -1,8 +1,10 @@
 """`grafit evaluate`: a trained checkpoint on a nested-folder collection, split per class by name."""
 import json
 import os
+import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -103,3 +105,65 @@ def test_search_ranks_the_collection_reuses_its_index_and_conditions_on_a_coarse
 
     assert grafit(base + ["--coarse", "Z"]) == 2
     assert "--coarse 'Z': not a class of level 'category'" in capsys.readouterr().err
+
+    # a file rewritten at the same size (another image, same bytes count): the index is rebuilt
+    img = data / "A" / "a1" / "img00.png"
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    assert grafit(base) == 0
+    assert json.loads(capsys.readouterr().out)["index_built"]
+    # several queries with --json: one JSON object per line
+    assert grafit([*base[:2], str(data / "A" / "a1" / "img01.png"), *base[2:]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["query"] for line in lines] == [str(q), str(data / "A" / "a1" / "img01.png")]
+
+
+def folders_job(root) -> dict:
+    return {**JOB, "data": {"name": "folders", "root": str(root), "train_level": "category", "augment": "characters",
+                            "image_size": 16, "options": {"levels": ["category", "item"], "query_fraction": 0.4,
+                                                          "seed": 3}},
+            "optim": {"epochs": 2, "batch_size": 4}, "eval": {"val_size": 5, "k_candidates": [1]}}
+
+
+def test_a_model_on_its_own_training_folder_is_evaluated_on_its_held_out_queries(tmp_path, capsys):
+    # trained on a random split: the last quarter by name would hold training images; its own split has none
+    data = tmp_path / "catalog"
+    write_tree(str(data))
+    cfg = config_from_dict(folders_job(data))
+    train, query = prepare_data(cfg.data)
+    ckpt, half = tmp_path / "ckpt", tmp_path / "half"
+    res = fit(cfg, train, query, log=lambda s: None,
+              on_epoch=lambda e, s, save: [save(str(ckpt)), e == 1 and save(str(half))])
+    assert grafit(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--k", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "training's" and (out["collection"], out["queries"]) == (len(train), len(query))
+    assert out["trained"] == {"epoch": 2, "of": 2, "batches": 0} and out["conditioned_on"] == "category"
+    for level, metrics in out["levels"].items():
+        for metric, value in metrics.items():
+            if metric != "k":
+                assert value == res.metrics[f"{metric}/{level}"], (level, metric)
+    assert "map_cond" in out["levels"]["item"] and "map_cond" not in out["levels"]["category"]
+
+    def refused(*argv) -> str:
+        assert grafit(["evaluate", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "--query-fraction: " + str(data) + " is the folder the model was trained on" in refused(
+        "--checkpoint", str(ckpt), "--data", str(data), "--query-fraction", "0.25")
+    assert f"--data {data / 'A'}: overlaps {data}, the folder the model was trained on" in refused(
+        "--checkpoint", str(ckpt), "--data", str(data / "A"))
+    single = tmp_path / "single"
+    (single / "A" / "a1").mkdir(parents=True)
+    shutil.copy(data / "A" / "a1" / "img00.png", single / "A" / "a1")
+    assert f"--data {single}: no query image" in refused("--checkpoint", str(ckpt), "--data", str(single))
+    # a checkpoint saved in the middle of its training says so; a broken one is one line
+    assert grafit(["evaluate", "--checkpoint", str(half), "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trained"]["epoch"] == 1
+    assert f"--checkpoint {half} was saved after 1 of 2 epochs: not its training's end" in captured.err
+    (half / "train_state.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")   # an LFS pointer
+    err = refused("--checkpoint", str(half), "--data", str(data))
+    assert err.strip() == f"grafit: error: --checkpoint: {half / 'train_state.pt'}: not a readable checkpoint " \
+                          f"(UnpicklingError)"
+    with pytest.raises(SystemExit):
+        grafit(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--k", "0"])
+    assert "argument --k: expected auto or an integer >= 1, got '0'" in capsys.readouterr().err

@@ -141,6 +141,27 @@ def test_report_rebuilds_matrices_and_figures_from_mlflow(tmp_path, capsys):
     assert logged == matrix.flat_metrics(m)
 
 
+def test_report_of_a_sweep_keeps_trials_and_their_means_apart_and_shows_unseen_columns(tmp_path, capsys):
+    from orchestrator import tracking
+    from orchestrator.cli import main as grafit
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = tracking.start_run(uri, "rep", "sweep rep", {"sweep": {"space": {"seed": {"grid": [0, 1]}}}}, {})
+    c = tracking.client(uri)
+    for seed, value in ((0, 0.5), (1, 0.7)):
+        run = tracking.start_run(uri, "rep", f"rep/seed={seed}", {"seed": seed}, {"grafit.trial_key": str(seed)},
+                                 parent)
+        c.log_metric(run, "knn_top1/l2", value)
+        c.log_metric(run, "knn_top1/l2/unseen", value / 2)
+    mean = tracking.start_run(uri, "rep", "rep/mean ", {}, {"grafit.kind": "aggregate"}, parent)
+    c.log_metric(mean, "knn_top1/l2", 0.6)
+    assert grafit(["report", parent, "--out", str(tmp_path / "out"), "--backend-store-uri", uri]) == 0
+    out = capsys.readouterr().out
+    trials, means = out.split("means over replicates (1 configurations):")
+    assert "2 trials of sweep rep" in trials and "60.0" not in trials and "mean" not in trials
+    assert "knn_top1/l2/unseen" in trials and "25.0" in trials and "35.0" in trials
+    assert "60.0" in means and "seed=" not in means
+
+
 @pytest.mark.timeout(600)
 def test_matrix_fine_tuning_column_is_recorded_next_to_knn_and_map(tmp_path, monkeypatch, capfd):
     """A real tiny matrix with matrix.finetune: the cell's trunk is fine-tuned at each test level

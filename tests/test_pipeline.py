@@ -54,9 +54,9 @@ def trained(tmp_path_factory):
     return folder, str(ckpt), res, train
 
 
-def evaluate(capsys, ckpt, folder, k) -> dict:
+def evaluate(capsys, ckpt, folder, k, *flags) -> dict:
     assert grafit(["evaluate", "--checkpoint", ckpt, "--data", folder, "--levels", "alphabet,character",
-                   "--query-fraction", "0.25", "--k", str(k)]) == 0
+                   "--k", str(k), *flags]) == 0
     return json.loads(capsys.readouterr().out)["levels"]
 
 
@@ -64,22 +64,29 @@ def test_evaluate_on_the_training_folder_reproduces_the_run(trained, capsys, tmp
     folder, ckpt, res, _ = trained
     k = int(res.metrics["k/character"])
     assert res.metrics["k/alphabet"] == k                    # one k (one candidate): one --k reproduces both
-    got = evaluate(capsys, ckpt, folder, k)                   # drawers 16-20 are the last quarter by name
-    for level in ("alphabet", "character"):
-        for metric in ("knn_top1", "map_cosine", "map_cond", "map_oracle"):
+    got = evaluate(capsys, ckpt, folder, k)                   # the training folder: split as training split it
+    for level, metrics in (("alphabet", ("knn_top1", "map_cosine")),
+                           ("character", ("knn_top1", "map_cosine", "map_cond", "map_oracle"))):
+        for metric in metrics:
             assert got[level][metric] == res.metrics[f"{metric}/{level}"], (level, metric)
+    # conditioned on alphabets (the training level), alphabet-level conditioned mAP is 1.0 by construction
+    assert not {"map_cond", "map_oracle"} & got["alphabet"].keys()
+    # a copy of it is another folder, split by name: drawers 16-20 are the last quarter, the same queries
+    copy = str(tmp_path / "copy")
+    shutil.copytree(folder, copy)
+    assert evaluate(capsys, ckpt, copy, k, "--query-fraction", "0.25") == got
     # a checkpoint written before the pipeline was recorded takes it from its config: the same numbers
     old = tmp_path / "old"
     shutil.copytree(ckpt, old)
     state = torch.load(old / "train_state.pt", weights_only=True)
     del state["meta"]["pipeline"]
     torch.save(state, old / "train_state.pt")
-    assert evaluate(capsys, str(old), folder, k) == got
+    assert evaluate(capsys, str(old), copy, k) == got
     # what the pipeline prevents: the same files read without the inversion give another answer
     state["meta"]["pipeline"] = {"channels": 1, "invert": False, "augment": "characters", "image_size": 16,
                                  "decoded_size": 32}
     torch.save(state, old / "train_state.pt")
-    assert evaluate(capsys, str(old), folder, k)["character"]["map_cosine"] != got["character"]["map_cosine"]
+    assert evaluate(capsys, str(old), copy, k)["character"]["map_cosine"] != got["character"]["map_cosine"]
 
 
 def test_search_and_its_index_embed_the_collection_as_the_run_exported_it(trained, capsys, tmp_path):

@@ -23,14 +23,20 @@ def scan_tree(root: str, depth: int, extensions: Sequence[str] = EXTENSIONS) -> 
     """Relative paths (as tuples of parts, sorted) of every image exactly `depth` folders below root.
 
     Raises DataError naming the file for an image at another depth, and naming the folder for
-    a class folder (depth 1..`depth`) with no image below it. Hidden entries are ignored.
+    a class folder (depth 1..`depth`) with no image below it. Hidden entries are ignored; folders
+    that are symbolic links are followed (a collection assembled from links), each real folder once.
     """
     if not os.path.isdir(root):
         raise DataError(f"dataset root {root} does not exist or is not a folder")
     exts = tuple(e.lower() for e in extensions)
     found: list[tuple[str, ...]] = []
     counts: dict[str, int] = {}          # class folder (relative) -> images below it
-    for dirpath, dirnames, filenames in os.walk(root):
+    real: dict[str, str] = {}            # real path -> the folder that reached it first
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        first = real.setdefault(os.path.realpath(dirpath), dirpath)
+        if first != dirpath:              # a link back up the tree, or two links to one folder
+            raise DataError(f"folder {dirpath} is the same folder as {first} (symbolic links): each image "
+                            f"must have one place in the taxonomy")
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = os.path.relpath(dirpath, root)
         parts = () if rel == "." else tuple(rel.split(os.sep))
