@@ -166,7 +166,7 @@ def cmd_matrix(args) -> int:
     train_levels = job.matrix.train_levels
     print(f"matrix {job.config.name}: {len(job.matrix.methods)} methods x {len(train_levels)} training levels "
           f"= {len(job.matrix.methods) * len(train_levels)} cells, tested at {', '.join(levels)}", flush=True)
-    check_definition(job, args.storage_path)
+    check_definition(job, args.storage_path, prep.fingerprint)
     if not launch(prep):
         return 0
     matrices = {}

@@ -115,7 +115,7 @@ def check_locally(argv: list[str], path: str) -> None:
     args.config = os.path.join(ROOT, args.config)
     prep = prepare(kind, args)
     if kind in ("sweep", "matrix"):           # where a sweep resumes from, refused here too
-        check_definition(prep.job, args.storage_path)
+        check_definition(prep.job, args.storage_path, prep.fingerprint)
 
 
 def storage_path(spec: dict, flag: str | None, path: str) -> str:

@@ -39,9 +39,10 @@ def state_dir(job: Job, storage_path: str) -> str:
     return os.path.join(storage_uri(storage_path), "sweeps", job.config.name)
 
 
-def check_definition(job: Job, storage_path: str) -> None:
+def check_definition(job: Job, storage_path: str, fingerprint: str | None = None) -> None:
     """A rerun continues the sweep stored under the same name: refuse it (naming the keys) when the
-    definition changed (space, eval grid, budget, anything trained), before any resource is taken."""
+    definition changed (space, eval grid, budget, anything trained) or, given its fingerprint, the
+    dataset did (data.root may move, not change its files), before any resource is taken."""
     if "://" in storage_path:                 # trial results, definitions and journals are local files
         raise ConfigError(f"{job.source}: --storage-path (or GRAFIT_STORAGE) {storage_path}: a sweep or matrix keeps "
                           f"what makes it resumable in files: give a folder every node reaches (NFS), not a URI")
@@ -51,6 +52,11 @@ def check_definition(job: Job, storage_path: str) -> None:
         # files, or a training run's checkpoints
         raise ConfigError(f"{job.source}: name: {name!r} is taken in {storage_path} (the trials' or sweeps' folder, "
                           f"or a training run's checkpoints); give the sweep another name")
+    dataset = os.path.join(state_dir(job, storage_path), "dataset.json")
+    if fingerprint and os.path.exists(dataset) and json.load(open(dataset)) != fingerprint:
+        raise ConfigError(f"{job.source}: the sweep {name!r} in {storage_path} was started on another dataset "
+                          f"(fingerprint {json.load(open(dataset))}, now {fingerprint}: data.root's files differ); "
+                          f"its trials would mix the two: use another name or storage path")
     path = os.path.join(state_dir(job, storage_path), "definition.json")
     if not os.path.exists(path):
         return
@@ -94,6 +100,8 @@ def run_sweep(prep: Prepared, *, storage_path: str, max_failures: int = 0, after
     check_capacity(job.sweep)
     if not os.path.exists(os.path.join(state_dir(job, storage_path), "definition.json")):
         save_state(job, storage_path, "definition.json", job_dict(job))
+    if not os.path.exists(os.path.join(state_dir(job, storage_path), "dataset.json")):
+        save_state(job, storage_path, "dataset.json", prep.fingerprint)
     parent = parent_run(job, uri, storage_path, prep.fingerprint, prep.kind)
     log = journal.Journal(uri, parent, os.path.join(state_dir(job, storage_path), "mlflow_journal", "parent.jsonl"))
     ok, grid, wait_s = False, None, job.tracking.offline_wait_s
@@ -356,7 +364,7 @@ def configuration_table(confs: list[Configuration], keys: list[str]) -> list[dic
 def cmd_sweep(args) -> int:
     """Validate the sweep against its data, run it on Ray Tune, print the trials."""
     prep = prepare("sweep", args)
-    check_definition(prep.job, args.storage_path)
+    check_definition(prep.job, args.storage_path, prep.fingerprint)
     if not launch(prep):
         return 0
     grid, parent = run_sweep(prep, storage_path=args.storage_path,

@@ -181,9 +181,21 @@ def provenance(dataset_fingerprint: str) -> dict:
     return tags
 
 
+def common_folder(collections) -> str:
+    """The deepest folder that holds every file of the file collections (streamed: no list of paths)."""
+    root = None
+    for coll in collections:
+        for p in getattr(coll, "paths", None) or ():
+            root = os.path.dirname(p) if root is None else root
+            while not p.startswith(root.rstrip(os.sep) + os.sep) and root != os.path.dirname(root):
+                root = os.path.dirname(root)
+    return root or ""
+
+
 def dataset_fingerprint(*collections) -> str:
-    """sha256 over each collection's file list and sizes (file datasets) or pixels (in memory)."""
-    h = hashlib.sha256()
+    """sha256 over each collection's file list (relative to their common folder: data.root may move)
+    and sizes (file datasets) or pixels (in memory)."""
+    h, root = hashlib.sha256(), common_folder(collections)
     for coll in collections:
         paths = getattr(coll, "paths", None)
         if paths is not None:
@@ -192,7 +204,7 @@ def dataset_fingerprint(*collections) -> str:
                     size = os.path.getsize(p)
                 except OSError as err:   # data.check_sample opens a sample only: a missing file shows here
                     raise DataError(f"{coll.name}: image {p}: {err.strerror}") from None
-                h.update(f"{p}\0{size}\n".encode())
+                h.update(f"{os.path.relpath(p, root)}\0{size}\n".encode())
         else:
             h.update(coll.images.numpy().tobytes() if hasattr(coll, "images") else coll.name.encode())
         for level in sorted(coll.labels):

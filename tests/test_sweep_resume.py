@@ -159,6 +159,10 @@ def test_a_changed_sweep_definition_is_refused_naming_the_keys(tmp_path, capsys)
     # what only says where and how wide it runs may change
     wider = {**job, "sweep": {**job["sweep"], "workers": 2, "cpus_per_worker": 1}}
     assert grafit(["sweep", write(tmp_path, wider), "--storage-path", str(tmp_path / "runs"), "--check"]) == 0
+    # ... but not the dataset's files (a data.root that now points at other images)
+    (state / "dataset.json").write_text(json.dumps("0123456789abcdef"))
+    assert grafit(["sweep", write(tmp_path, wider), "--storage-path", str(tmp_path / "runs"), "--check"]) == 2
+    assert "was started on another dataset (fingerprint 0123456789abcdef, now " in capsys.readouterr().err
 
 
 
@@ -236,3 +240,19 @@ def test_replicates_are_aggregated_and_the_best_is_chosen_by_their_mean(tmp_path
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "sweep")} | \
         {a.path for a in c.list_artifacts(parent.info.run_id, "figures")}
     assert {"sweep/configurations.md", "figures/param_method.sigma.png"} <= artifacts
+
+
+def test_the_dataset_fingerprint_follows_the_files_not_where_they_live(tmp_path):
+    # a sweep may move its data.root between runs (a cluster mounts it elsewhere), not change its files
+    import shutil
+
+    from grafit_core.data.folders import load_folders
+    from orchestrator.tracking import dataset_fingerprint
+    for c in ("A/a1", "A/a2", "B/b1"):
+        (tmp_path / "x" / c).mkdir(parents=True)
+        (tmp_path / "x" / c / "i.png").write_bytes(b"1234")
+    first = dataset_fingerprint(*load_folders(str(tmp_path / "x"), levels=["a", "b"]))
+    shutil.move(tmp_path / "x", tmp_path / "y")
+    assert dataset_fingerprint(*load_folders(str(tmp_path / "y"), levels=["a", "b"])) == first
+    (tmp_path / "y" / "B" / "b1" / "i.png").write_bytes(b"12345")
+    assert dataset_fingerprint(*load_folders(str(tmp_path / "y"), levels=["a", "b"])) != first
