@@ -79,7 +79,8 @@ def save_state(job: Job, storage_path: str, name: str, data) -> None:
 
 def parent_run(job: Job, uri: str, storage_path: str, fingerprint: str, kind: str = "sweep") -> str:
     """The sweep's parent run: the one this sweep's earlier (interrupted) driver opened, reopened;
-    else a new one (a sweep whose folder was deleted starts afresh, whatever MLflow holds)."""
+    else a new one (a sweep whose folder sweeps/<name> was deleted gets a new parent, but its trials
+    under trials/ are still replayed or continued, in their own runs: delete those too to start afresh)."""
     saved = os.path.join(state_dir(job, storage_path), "parent_run")
     if os.path.exists(saved):
         run_id = json.load(open(saved))
@@ -217,8 +218,8 @@ def close_children(log: journal.Journal, job: Job, grid, cut_short: list[dict] =
     stopped |= {trial_key(job_with(job, params)) for params in cut_short}
     failed = {trial_key(job_with(job, r.config)) for r in grid if r.error is not None} - stopped
     c = tracking.client(log.uri)
-    runs = c.search_runs([c.get_run(log.run_id).info.experiment_id],
-                         filter_string=f"tags.mlflow.parentRunId = '{log.run_id}'", order_by=["attribute.start_time"])
+    runs = c.search_runs([c.get_run(log.run_id).info.experiment_id], order_by=["attribute.start_time"],
+                         filter_string=f"tags.mlflow.parentRunId = '{log.run_id}' and attributes.status != 'FINISHED'")
     newest = {run.data.tags["grafit.trial_key"]: run.info.run_id for run in runs if "grafit.trial_key" in run.data.tags}
     for run in runs:                          # trials only: an aggregate's end may still be in the journal
         key, status = run.data.tags.get("grafit.trial_key"), run.info.status
