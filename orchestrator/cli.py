@@ -18,7 +18,8 @@ from orchestrator.matrix import cmd_matrix
 from orchestrator.prepare import RUN_COMMANDS, add_run_flags
 from orchestrator.submit import add_parsers as add_submit_parsers
 from orchestrator.sweep import cmd_sweep
-from orchestrator.tools import cmd_evaluate, cmd_report, cmd_search, cmd_sync, cmd_ui, k_arg, positive_int
+from orchestrator.tools import (cmd_evaluate, cmd_report, cmd_search, cmd_sync, cmd_ui, fraction, k_arg,
+                                positive_int)
 from orchestrator.train import cmd_finetune, cmd_local, cmd_train
 
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (holds train_state.pt)")
     p.add_argument("--data", required=True, help="root of nested folders: root/<level1>/.../<image>")
     p.add_argument("--levels", default=None, help="comma-separated level names, coarse -> fine (default level1,...)")
-    p.add_argument("--query-fraction", type=float, default=None,
+    p.add_argument("--query-fraction", type=fraction, default=None,
                    help="per leaf class, files sorted by name: the last fraction are queries (default 0.25); "
                         "a class with one file stays in the collection. Not on the folder the model was trained "
                         "on: its queries are the ones its training held out")

@@ -167,3 +167,6 @@ def test_a_model_on_its_own_training_folder_is_evaluated_on_its_held_out_queries
     with pytest.raises(SystemExit):
         grafit(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--k", "0"])
     assert "argument --k: expected auto or an integer >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grafit(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--query-fraction", "1"])
+    assert "argument --query-fraction: expected a number in [0, 1), got '1'" in capsys.readouterr().err
