@@ -112,10 +112,14 @@ def load_trained(directory: str):
     path = os.path.join(directory, "train_state.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no train_state.pt (not a grafit checkpoint)")
+    with open(path, "rb") as f:
+        if f.read(64).startswith(b"version https://git-lfs"):
+            raise ValueError(f"{path}: a Git LFS pointer, not the checkpoint's file (git lfs pull)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:                  # cut short, a Git LFS pointer, not a torch file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    except Exception as err:                  # cut short, not a torch file, objects weights_only refuses
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
     meta = state.get("meta") or {}
     if "config" not in meta:
         raise ValueError(f"{path}: the checkpoint does not record its config (written by an older version)")
