@@ -202,7 +202,7 @@ def test_replicates_are_aggregated_and_the_best_is_chosen_by_their_mean(tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     job = {**BASE, "optim": {"epochs": 1, "batch_size": 16},
            "sweep": {"space": {"method.sigma": {"grid": [0.05, 0.5]}, "seed": {"grid": [0, 1]}},
-                     "scheduler": "fifo"}}
+                     "scheduler": "fifo", "max_concurrent": 2}}
     try:
         assert grafit(["sweep", write(tmp_path, job), "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2"]) == 0
     finally:
