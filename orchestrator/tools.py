@@ -12,12 +12,8 @@ from grafit_core.errors import GrafitError
 
 
 def k_arg(text: str):
-    """--k: auto or an integer >= 1 (argparse type: a bad value is one usage line)."""
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
-    return int(text)
+    """--k: auto or an integer >= 1 (argparse types: a bad value is one usage line)."""
+    return text if text == "auto" else positive_int(text, "auto or an integer >= 1")
 
 
 def fraction(text: str) -> float:
@@ -31,9 +27,9 @@ def fraction(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, expected: str = "an integer >= 1") -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return int(text)
 
 
@@ -69,6 +65,7 @@ def evaluation_split(args, cfg, pipe) -> tuple:
         if args.query_fraction is not None:
             raise GrafitError(f"--query-fraction: {args.data} is the folder the model was trained on; its queries "
                               f"are the ones its training held out (data.options in the checkpoint): drop the flag")
+        # the training's own loader and options: its split, its files read as the training read them
         train, query = load_dataset(cfg.data.name, cfg.data.root, cfg.data.options)
         levels = train.hierarchy.levels
         if args.levels and args.levels.split(",") != levels:
@@ -79,10 +76,10 @@ def evaluation_split(args, cfg, pipe) -> tuple:
     levels = args.levels.split(",") if args.levels else [f"level{i + 1}" for i in range(depth)]
     if len(levels) != depth or depth == 0:
         raise GrafitError(f"--levels: {args.data} has {depth} folder level(s) above its images, got {levels}")
-    fraction = 0.25 if args.query_fraction is None else args.query_fraction
-    train, query = load_folders(args.data, levels=levels, query_fraction=fraction, split="sorted",
+    part = 0.25 if args.query_fraction is None else args.query_fraction
+    train, query = load_folders(args.data, levels=levels, query_fraction=part, split="sorted",
                                 channels=pipe.channels, invert=pipe.invert, cache_size=pipe.decoded_size)
-    return train, query, levels, levels[0], f"sorted, last {fraction:g} of each class"
+    return train, query, levels, levels[0], f"sorted, last {part:g} of each class"
 
 
 def cmd_evaluate(args) -> int:
