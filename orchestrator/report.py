@@ -43,12 +43,16 @@ def report(uri: str, ref: str, out_dir: str) -> list[str]:
     if children:
         _sweep_report(run, children)
         return []
-    levels = sorted({k.split("/", 1)[1] for k in run.data.metrics
-                     if k.startswith("knn_top1/") and (k.count("/") == 1 or k.endswith(matrix.UNSEEN))})
-    for lv in levels:
+    for lv in levels_in([run]):
         m = run.data.metrics
         print(f"  {lv}: " + ", ".join(f"{k} {100 * m[f'{k}/{lv}']:.1f}" for k in matrix.METRICS if f"{k}/{lv}" in m))
     return []
+
+
+def levels_in(runs) -> list[str]:
+    """The test levels the runs' final metrics hold: `<level>`, and `<level>/unseen` (data.unseen)."""
+    return sorted({k.split("/", 1)[1] for r in runs for k in r.data.metrics
+                   if k.startswith("knn_top1/") and (k.count("/") == 1 or k.endswith(matrix.UNSEEN))})
 
 
 def _matrix_report(c, rid: str, out_dir: str) -> list[str]:
@@ -65,9 +69,7 @@ def _sweep_report(run, children) -> None:
     """The trials' table, then (with replicates) the configurations' means: never mixed in one table."""
     # params are flattened: sweep.space.<key>.<grid|choice|uniform|loguniform>
     swept = sorted({k[len("sweep.space."):].rsplit(".", 1)[0] for k in run.data.params if k.startswith("sweep.space.")})
-    levels = sorted({k.split("/", 1)[1] for r in children for k in r.data.metrics
-                     if k.startswith("knn_top1/") and (k.count("/") == 1 or k.endswith(matrix.UNSEEN))})
-    keys = [f"{m}/{lv}" for lv in levels for m in ("knn_top1", "map_cosine", "map_cond")]
+    keys = [f"{m}/{lv}" for lv in levels_in(children) for m in ("knn_top1", "map_cosine", "map_cond")]
     means = [r for r in children if r.data.tags.get("grafit.kind") == "aggregate"]
     trials = [r for r in children if r not in means]
     print(f"{len(trials)} trials of {run.info.run_name}; best: {run.data.tags.get('best.run_id', '-')}")
