@@ -29,7 +29,7 @@ system:
 	  (apt-get update -qq && apt-get install -y -qq chromium iproute2 gcc >/dev/null)
 
 test: install system
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n 2
 
 bench: install
 	$(BIN)/python benchmarks/omniglot_methods.py
