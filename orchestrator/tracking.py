@@ -76,8 +76,8 @@ def api_status(uri: str) -> int:
         req.add_header("Authorization", "Basic " + base64.b64encode(":".join(credentials).encode()).decode())
     elif token:
         req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+    try:                                      # patient: a server just started answers its first request slowly
+        with urllib.request.urlopen(req, timeout=60) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
